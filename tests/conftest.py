@@ -1,0 +1,80 @@
+"""Tiny synthetic fixtures: fake MNIST raw files and fake MNIST-M in either layout, built in tmp_path."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def digit_images(labels: np.ndarray, size: int, rng: np.random.RandomState) -> np.ndarray:
+    """Learnable fake digits: a bright horizontal bar whose row depends on the label, plus noise."""
+    x = rng.randint(0, 40, size=(len(labels), size, size)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r = 2 + int(c) * (size - 6) // 9
+        x[i, r:r + 3, 3:size - 3] = 230
+    return x
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(np.array([2051 if arr.ndim == 3 else 2049], ">i4").tobytes())
+        f.write(np.array(arr.shape, ">i4").tobytes())
+        f.write(np.ascontiguousarray(arr, np.uint8).tobytes())
+
+
+def make_mnist(root: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
+    rng = np.random.RandomState(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        write_idx(raw / f"{name}-images-idx3-ubyte", digit_images(y, 28, rng))
+        write_idx(raw / f"{name}-labels-idx1-ubyte", y.astype(np.uint8))
+    return root
+
+
+def mnistm_images(n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    y = np.arange(n) % 10
+    d = digit_images(y, 32, rng).astype(np.int16)
+    bg = rng.randint(0, 256, size=(n, 32, 32, 3)).astype(np.int16)
+    return np.abs(bg - d[..., None]).astype(np.uint8), y  # the MNIST-M recipe |patch - digit|
+
+
+def make_mnistm(root: Path, layout: str, n_train: int = 200, n_test: int = 60, seed: int = 1) -> Path:
+    """layout 'imagefolder' = training/<c>/, testing/<c>/; 'original' = mnist_m_{split}/ + labels files."""
+    rng = np.random.RandomState(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = mnistm_images(n, rng)
+        lines = []
+        for i, (im, c) in enumerate(zip(x, y)):
+            if layout == "imagefolder":
+                d = root / ("training" if split == "train" else "testing") / str(c)
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(im).save(d / f"{i:08d}.png")
+            else:
+                d = root / f"mnist_m_{split}"
+                d.mkdir(exist_ok=True)
+                Image.fromarray(im).save(d / f"{i:08d}.png")
+                lines.append(f"{i:08d}.png {c}\n")
+        if layout == "original":
+            (root / f"mnist_m_{split}_labels.txt").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture
+def fake_data(tmp_path: Path) -> dict[str, Path]:
+    """Fake MNIST under data/ and fake MNIST-M (original layout) under mnist_m/."""
+    return {"data_dir": make_mnist(tmp_path / "data"), "mnistm": make_mnistm(tmp_path / "mnist_m", "original")}
+
+
+def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
+    """A whole run in a few seconds on CPU."""
+    return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline",
+            "--epochs", "3", "--batch-size", "16", "--warmup-epochs", "1", "--patience", "2", "--device", "cpu",
+            "--tsne-points", "40", "--out-dir", str(out)]

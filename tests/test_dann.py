@@ -1,0 +1,443 @@
+"""DANN.py, specified by tests on tiny synthetic data (CPU, no network, no real data sets)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import DANN
+from conftest import make_mnist, make_mnistm, tiny_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "DANN.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = DANN.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def results(out_dir: Path, prefix: str = "") -> dict:
+    return json.loads((out_dir / "checkpoints" / f"{prefix}results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- GRL & schedule
+
+def test_grl_forward_is_identity_and_backward_is_minus_lambda_times_grad() -> None:
+    x = torch.randn(5, 7, requires_grad=True)
+    y = DANN.GradReverse.apply(x, 0.7)
+    assert torch.equal(y, x)
+    g = torch.randn(5, 7)
+    y.backward(g)
+    assert torch.allclose(x.grad, -0.7 * g)
+
+
+def test_grl_with_lambda_zero_blocks_gradient_and_accepts_a_tensor_lambda() -> None:
+    x = torch.randn(3, requires_grad=True)
+    DANN.GRL()(x, 0.0).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(3))
+    x.grad = None
+    DANN.GRL()(x, torch.tensor(2.0)).sum().backward()
+    assert torch.allclose(x.grad, torch.full((3,), -2.0))
+
+
+def test_domain_loss_pushes_features_the_opposite_way_to_the_domain_head() -> None:
+    torch.manual_seed(0)
+    head = DANN.DomainClassifier().eval()
+    f = torch.randn(8, 1250, requires_grad=True)
+    target = torch.randint(0, 2, (8,))
+    torch.nn.functional.nll_loss(head(f, 1.0), target).backward()
+    reversed_grad = f.grad.clone()
+    f.grad = None
+    torch.nn.functional.nll_loss(head.net(f), target).backward()  # the same head without the GRL
+    assert torch.allclose(reversed_grad, -f.grad, atol=1e-6)
+
+
+def test_lambda_schedule_starts_at_zero_rises_monotonically_and_approaches_one() -> None:
+    assert DANN.lambda_schedule(0.0, 10) == 0.0
+    assert DANN.lambda_schedule(1.0, 10) == pytest.approx(2 / (1 + np.exp(-10)) - 1)
+    assert DANN.lambda_schedule(1.0, 10) > 0.9999
+    ps = torch.linspace(0, 1, 101)
+    lam = DANN.lambda_schedule(ps, 10.0)
+    assert torch.all(lam[1:] > lam[:-1])
+    assert torch.allclose(lam, torch.tensor([DANN.lambda_schedule(float(p), 10.0) for p in ps]), atol=1e-6)
+    assert DANN.lambda_schedule(0.7, 0.0) == 0.0  # gamma 0 switches adaptation off
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_output_shapes_and_log_probabilities() -> None:
+    model = DANN.DANN().eval()
+    x = torch.randn(6, 3, 32, 32)
+    y, d = model(x)
+    assert y.shape == (6, 10) and d.shape == (6, 2)
+    assert torch.allclose(y.exp().sum(1), torch.ones(6), atol=1e-5)
+    assert torch.allclose(d.exp().sum(1), torch.ones(6), atol=1e-5)
+    assert model.features(x).shape == (6, 1250)
+    assert model.get_top_features(x).shape == (6, 100)
+
+
+def test_report_dropout_zeroes_whole_samples_and_is_identity_in_eval() -> None:
+    torch.manual_seed(0)
+    drop = DANN.SampleDropout(0.5)
+    x = torch.ones(200, 100)
+    out = drop(x)
+    rows = out.unique(dim=0)
+    assert {tuple(r.unique().tolist()) for r in rows} == {(0.0,), (2.0,)}  # a row is all dropped or all kept
+    assert torch.equal(drop.eval()(x), x)
+
+
+# ---------------------------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_ignores_warmup_counts_patience_and_respects_min_delta() -> None:
+    model = torch.nn.Linear(1, 1)
+    es = DANN.EarlyStopping(patience=2, min_delta=0.1, warmup_epochs=2)
+    assert not es.step(1, 0.1, model) and not es.step(2, 0.05, model)  # warm-up: not even tracked
+    assert es.best_state is None
+    assert not es.step(3, 1.0, model) and es.best_epoch == 3
+    assert not es.step(4, 0.95, model)  # better, but by less than min_delta: counts as bad
+    assert es.best_epoch == 3
+    assert es.step(5, 0.99, model)  # second bad epoch: stop
+    assert es.best_epoch == 3
+
+
+def test_early_stopping_restores_the_best_weights() -> None:
+    model = torch.nn.Linear(1, 1)
+    es = DANN.EarlyStopping(patience=5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    es.step(1, 0.5, model)
+    with torch.no_grad():
+        model.weight.fill_(9.0)
+    es.step(2, 0.8, model)
+    assert es.restore(model)
+    assert model.weight.item() == 1.0
+    assert not DANN.EarlyStopping(patience=1).restore(model)  # nothing recorded: nothing restored
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def _log() -> tuple[list[str], object]:
+    lines: list[str] = []
+    return lines, lines.append
+
+
+def test_both_mnistm_layouts_give_the_same_images_and_labels(tmp_path: Path) -> None:
+    a = DANN.load_mnistm(make_mnistm(tmp_path / "a", "imagefolder"), tmp_path / "ca", False, lambda s: None)
+    b = DANN.load_mnistm(make_mnistm(tmp_path / "b", "original"), tmp_path / "cb", False, lambda s: None)
+    for xa, ya, xb, yb in ((a[0], a[1], b[0], b[1]), (a[2], a[3], b[2], b[3])):
+        assert xa.shape == xb.shape and xa.shape[1:] == (3, 32, 32) and xa.dtype == torch.uint8
+        ka = sorted(zip(ya.tolist(), map(bytes, xa.numpy())))
+        kb = sorted(zip(yb.tolist(), map(bytes, xb.numpy())))
+        assert ka == kb
+
+
+def test_cache_is_reused_rebuilt_when_corrupt_and_keyed_on_the_files(tmp_path: Path) -> None:
+    root = make_mnistm(tmp_path / "m", "original")
+    lines, log = _log()
+    first = DANN.load_mnistm(root, tmp_path / "cache", False, log)
+    assert any("decoded" in s for s in lines)
+    lines.clear()
+    again = DANN.load_mnistm(root, tmp_path / "cache", False, log)
+    assert any("from cache" in s for s in lines) and torch.equal(first[0], again[0])
+    cache = next((tmp_path / "cache").glob("mnistm-*.npz"))
+    cache.write_bytes(b"not a cache")
+    lines.clear()
+    rebuilt = DANN.load_mnistm(root, tmp_path / "cache", False, log)
+    assert any("corrupt or stale; rebuilding" in s for s in lines) and torch.equal(first[0], rebuilt[0])
+    img = root / "mnist_m_train" / "00000000.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)  # the folder changed: the old cache is dead
+    lines.clear()
+    changed = DANN.load_mnistm(root, tmp_path / "cache", False, log)
+    assert any("decoded" in s for s in lines) and changed[0][0].sum() == 0
+    assert len(list((tmp_path / "cache").glob("mnistm-*.npz"))) == 1
+
+
+def test_greyscale_rgba_and_odd_sized_images_are_converted_and_counted(tmp_path: Path) -> None:
+    root = make_mnistm(tmp_path / "m", "imagefolder")
+    Image.new("L", (32, 32), 200).save(root / "training" / "0" / "grey.png")
+    Image.new("RGBA", (32, 32), (1, 2, 3, 4)).save(root / "training" / "1" / "rgba.png")
+    Image.new("RGB", (28, 40), (9, 9, 9)).save(root / "testing" / "2" / "odd.png")
+    lines, log = _log()
+    x_train, _, x_test, _ = DANN.load_mnistm(root, tmp_path / "c", False, log)
+    assert x_train.shape[1:] == x_test.shape[1:] == (3, 32, 32)
+    assert any("converted 3 image(s)" in s for s in lines)
+
+
+def test_pooled_and_official_protocols_split_the_target_as_documented() -> None:
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randint(0, 255, (100, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(100) % 10,
+           torch.zeros(30, 1, 28, 28, dtype=torch.uint8), torch.arange(30) % 10)
+    tgt = (torch.randint(0, 255, (80, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(80) % 10,
+           torch.full((20, 3, 32, 32), 7, dtype=torch.uint8), torch.arange(20) % 10)
+    pooled = DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "per-domain", 0)
+    assert [len(pooled.tgt[k][0]) for k in ("train", "val", "test")] == [80, 10, 10]
+    assert [len(pooled.src[k][0]) for k in ("train", "val", "test")] == [90, 10, 30]
+    official = DANN.make_splits("x", src, tgt, "official", [0.8, 0.1, 0.1], "per-domain", 0)
+    assert torch.equal(official.tgt["test"][0], tgt[2])  # the official test set, untouched
+    assert len(official.tgt["train"][0]) + len(official.tgt["val"][0]) == 80
+    assert len(official.tgt["val"][0]) == round(80 / 9)
+    assert pooled.src_norm == DANN.MNIST_NORM and pooled.tgt_norm == DANN.MNISTM_NORM
+    assert DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "shared", 0).src_norm == DANN.MNISTM_NORM
+    again = DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "per-domain", 0)
+    assert torch.equal(again.tgt["val"][0], pooled.tgt["val"][0])  # seeded
+
+
+def test_device_preprocessing_matches_the_reports_pil_transforms() -> None:
+    g = torch.Generator().manual_seed(0)
+    for x, norm in ((torch.randint(0, 256, (16, 1, 28, 28), generator=g, dtype=torch.uint8), DANN.MNIST_NORM),
+                    (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), DANN.MNISTM_NORM)):
+        ds = DANN.ReportDataset(x, torch.zeros(16, dtype=torch.long), norm)
+        ref = torch.stack([ds[i][0] for i in range(16)])
+        fast = DANN.normalize(DANN.resize32(x), norm)
+        assert fast.shape == ref.shape == (16, 3, 32, 32)
+        # PIL rounds its resize to uint8 in fixed point: at most one grey level apart
+        assert (fast - ref).abs().max().item() <= 1.01 / 255 / norm[1]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_cli_end_to_end_writes_every_output(tmp_path: Path, fake_data: dict) -> None:
+    out = tmp_path / "out"
+    r = cli(*tiny_flags(fake_data, out))
+    assert r.returncode == 0, r.stderr
+    assert "protocol=pooled" in r.stdout and "phase=dann epoch=1 lambda=" in r.stdout
+    for name in ("tsne_before", "tsne_after", "curves", "confusion"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            im.verify()
+    ck = torch.load(out / "checkpoints" / "best_dann_final.pth", weights_only=True)
+    assert {"model", "config", "metrics", "history"} <= set(ck)
+    DANN.DANN(ck["config"]["cls_dropout"]).load_state_dict(ck["model"])
+    res = results(out)
+    assert {"protocol", "seeds", "summary", "runs", "config", "environment", "wall_time_s"} <= set(res)
+    run = res["runs"][0]
+    assert {"src_test_acc", "tgt_test_acc", "improvement", "dom_acc", "best_epoch"} <= set(run["dann"])
+    assert {"src_test_acc", "tgt_test_acc"} <= set(run["source_only"])
+    assert {"torch", "torchvision", "device", "peak_host_rss_mib"} <= set(res["environment"])
+    assert (out / "checkpoints" / "config.json").exists()
+    header = (out / "checkpoints" / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("phase,epoch,lambda,lr,cls_loss")
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_main(["--demo", "--epochs", "2", "--tsne-points", "60", "--device", "cpu",
+                             "--out-dir", str(tmp_path)], capsys)
+    assert code == 0
+    assert "source_only: protocol=pooled" in out and "dann: protocol=pooled" in out
+    res = results(tmp_path, "demo_")
+    assert res["runs"][0]["data"] == "demo"
+    assert (tmp_path / "figures" / "demo_tsne_after.png").exists()
+    assert (tmp_path / "checkpoints" / "demo_best_dann_final.pth").exists()
+
+
+def test_official_protocol_on_the_imagefolder_layout_with_several_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_mnist(tmp_path / "d")
+    root = make_mnistm(tmp_path / "m", "imagefolder")
+    flags = tiny_flags({"data_dir": data, "mnistm": root}, tmp_path / "o")
+    code, out, _ = run_main(flags + ["--protocol", "official", "--seeds", "1", "2", "--no-plots", "--epochs", "2"], capsys)
+    assert code == 0
+    res = results(tmp_path / "o")
+    assert res["protocol"] == "official" and [r["seed"] for r in res["runs"]] == [1, 2]
+    assert res["runs"][0]["splits"]["tgt_test"] == 60  # the official test set
+    s = res["summary"]["dann.tgt_test_acc"]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean([r["dann"]["tgt_test_acc"] for r in res["runs"]]))
+    assert "summary: protocol=official seeds=1,2" in out
+    assert (tmp_path / "o" / "checkpoints" / "seed2_best_dann_final.pth").exists()
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+    runs = []
+    for name in ("a", "b"):
+        assert run_main(tiny_flags(fake_data, tmp_path / name) + ["--no-plots"], capsys)[0] == 0
+        r = results(tmp_path / name)["runs"][0]
+        runs.append({k: r[k] for k in ("source_only", "dann")})
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------------------- resume, NaN, eval
+
+def test_ctrl_c_saves_last_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path, fake_data: dict) -> None:
+    flags = tiny_flags(fake_data, tmp_path / "full") + ["--epochs", "6", "--patience", "6", "--no-plots"]
+    assert cli(*flags).returncode == 0
+    want = results(tmp_path / "full")["runs"][0]
+    flags_i = tiny_flags(fake_data, tmp_path / "int") + ["--epochs", "6", "--patience", "6", "--no-plots"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "DANN.py"), *flags_i], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith("phase=dann epoch=2 "):
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    last = tmp_path / "int" / "checkpoints" / "last.pth"
+    assert "Resume with: python DANN.py" in err and f"--resume {last}" in err
+    assert torch.load(last, weights_only=True)["phase"] == "dann"
+    r = cli(*flags_i, "--resume", str(last))
+    assert r.returncode == 0, r.stderr
+    got = results(tmp_path / "int")["runs"][0]
+    assert got["dann"] == want["dann"] and got["source_only"] == want["source_only"]
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(tmp_path: Path, fake_data: dict,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path) + ["--lr", "1e30", "--no-plots"], capsys)
+    assert code == 1
+    assert "loss became NaN or inf at epoch" in err and ", step " in err and "Traceback" not in err
+    last = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path) + ["--resume", str(tmp_path / "checkpoints" / "last.pth"),
+                                                               "--batch-size", "8"], capsys)
+    assert code == 1 and "was saved with batch_size=16, this run has batch_size=8" in err
+
+
+def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_path: Path, fake_data: dict,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run_main(tiny_flags(fake_data, out) + ["--no-plots", "--protocol", "official"], capsys)[0] == 0
+    ckpt = out / "checkpoints" / "best_dann_final.pth"
+    code, stdout, _ = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"], capsys)
+    assert code == 0 and "eval: protocol=official" in stdout
+    ev = json.loads((tmp_path / "ev" / "checkpoints" / "eval_results.json").read_text())
+    assert ev["tgt_test_acc"] == pytest.approx(results(out)["runs"][0]["dann"]["tgt_test_acc"])
+    assert (tmp_path / "ev" / "figures" / "eval_tsne.png").exists()
+    bad = tmp_path / "bad.pth"
+    torch.save({"format": DANN.CKPT_FORMAT, "model": {"feat.0.weight": torch.zeros(1)}, "config": {}}, bad)
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
+    assert code == 1 and "does not fit this network" in err
+    torch.save({"weights": 1}, bad)
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
+    assert code == 1 and "is not a DANN.py checkpoint" in err
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    f = tmp_path / "r.json"
+    DANN.write_json(f, {"a": 1})
+
+    def boom(fh: object) -> None:
+        fh.write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        DANN.atomic_write(f, boom)
+    assert json.loads(f.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [f]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _bad_root(tmp_path: Path, case: str) -> Path:
+    if case == "missing":
+        return tmp_path / "nope"
+    if case == "file":
+        (tmp_path / "f").write_text("x")
+        return tmp_path / "f"
+    if case == "neither":
+        (tmp_path / "n" / "images").mkdir(parents=True)
+        return tmp_path / "n"
+    if case.startswith("a:"):
+        root = make_mnistm(tmp_path / "a", "imagefolder", n_train=20, n_test=10)
+        if case == "a:no-testing":
+            for p in sorted((root / "testing").rglob("*"), reverse=True):
+                p.unlink() if p.is_file() else p.rmdir()
+            (root / "testing").rmdir()
+        elif case == "a:bad-class":
+            (root / "training" / "cat").mkdir()
+        elif case == "a:empty-class":
+            for p in (root / "training" / "3").iterdir():
+                p.unlink()
+        elif case == "a:corrupt":
+            (root / "training" / "4" / "00000004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        return root
+    root = make_mnistm(tmp_path / "b", "original", n_train=20, n_test=10)
+    lab = root / "mnist_m_train_labels.txt"
+    text = lab.read_text()
+    lab.write_text({"b:missing-image": text + "99999999.png 3\n", "b:malformed": text + "oops\n",
+                    "b:label": text.replace("00000001.png 1", "00000001.png 12")}[case])
+    return root
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "is not a folder"),
+    ("file", "is not a folder"),
+    ("neither", "is neither MNIST-M layout: expected either (a) ImageFolder training/<0-9>"),
+    ("a:no-testing", "has training/ but no testing/"),
+    ("a:bad-class", "is not a digit 0-9"),
+    ("a:empty-class", "has no images"),
+    ("a:corrupt", "cannot read image"),
+    ("b:missing-image", "99999999.png does not exist"),
+    ("b:malformed", "malformed line 'oops'"),
+    ("b:label", "label 12 is outside 0-9"),
+])
+def test_bad_mnistm_folders_get_one_line_and_exit_1_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture, case: str, message: str) -> None:
+    data = make_mnist(tmp_path / "d", n_train=40, n_test=10)
+    out = tmp_path / "o"
+    code, _, err = run_main(tiny_flags({"data_dir": data, "mnistm": _bad_root(tmp_path, case)}, out), capsys)
+    assert code == 1
+    assert message in err and err.startswith("DANN.py: error:") and err.count("\n") == 1
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path: Path) -> None:
+    root = _bad_root(tmp_path, "a:corrupt")
+    lines, log = _log()
+    x, *_ = DANN.load_mnistm(root, tmp_path / "c", True, log)
+    assert len(x) == 19 and any("skipped 1 unreadable train image(s)" in s for s in lines)
+
+
+def test_missing_mnist_offline_says_where_the_files_belong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_mnistm(tmp_path / "m", "original", n_train=20, n_test=10)
+    flags = tiny_flags({"data_dir": tmp_path / "empty", "mnistm": root}, tmp_path / "o")
+    code, _, err = run_main(flags, capsys)
+    assert code == 1
+    assert f"MNIST not found under {tmp_path / 'empty' / 'MNIST' / 'raw'}" in err and "train-images-idx3-ubyte" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tgt-split", "0.5", "0.2", "0.2"], "must be positive and sum to 1"),
+    (["--tgt-split", "1.2", "-0.1", "-0.1"], "must be positive and sum to 1"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--patience", "0"], "--patience must be positive"),
+    (["--gamma", "-1"], "--gamma must be >= 0"),
+    (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--resume", "x.pth", "--seeds", "1", "2"], "--resume continues one run"),
+])
+def test_invalid_flags_exit_2_with_an_argparse_message(flags: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        DANN.parse_args(["--demo", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_mnistm_root_without_demo_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        DANN.parse_args([])
+    assert e.value.code == 2 and "give --mnistm-root PATH" in capsys.readouterr().err
+
+
+def test_batch_larger_than_a_split_is_a_usage_error(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--batch-size", "5000"], capsys)
+    assert code == 2 and "--batch-size 5000 is larger than the source train split (216 images)" in err
+
+
+def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    code, out, err = run_main(tiny_flags(fake_data, blocker), capsys)
+    assert code == 1 and "cannot write to output folder" in err and "phase=" not in out
