@@ -73,7 +73,7 @@ class UsageError(UserError):
 
 
 class Interrupted(Exception):
-    pass
+    """Ctrl-C or SIGTERM during training; args = (path of the saved 'last' checkpoint, seed)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--offline", action="store_true", help="never try to download MNIST (default: off)")
     d.add_argument("--data-path", choices=["auto", "device", "loader"], default="auto",
                    help="'device': uint8 tensors resident on the device; 'loader': report-style DataLoader with "
-                        "per-sample PIL transforms; 'auto': device if it fits (default: auto)")
+                        "per-sample PIL transforms; 'auto': device if it takes < half the free GPU memory (default: auto)")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers, loader path only (default: min(4, CPU cores))")
     t = p.add_argument_group("training (defaults marked * come from --recipe)")
@@ -778,7 +778,7 @@ def fit(phase: str, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx,
                         loss_d = torch.zeros((), device=ctx.device)
                     elif args.bn == "separate":  # BatchNorm normalises each domain with its own batch statistics
                         out_y, d_s = net(xs, lam)
-                        _, d_t = net(tb[0], lam)
+                        _, d_t = net(tb[0], lam)  # as in the report, the label head's BN stats see target too
                         loss_d = F.nll_loss(d_s, zeros) + F.nll_loss(d_t, ones)  # domain 0 = source, 1 = target
                     else:  # one batch: BatchNorm statistics mix both domains
                         out, d = net(torch.cat([xs, tb[0]]), lam)
@@ -816,7 +816,7 @@ def fit(phase: str, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx,
     except (FloatingPointError, KeyboardInterrupt) as e:  # keep the last completed epoch, then explain
         save_checkpoint(ckpt_dir / "last.pth", {**last, "config": vars_json(args)})
         if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(str(ckpt_dir / "last.pth")) from None
+            raise Interrupted(str(ckpt_dir / "last.pth"), extra.get("seed")) from None
         raise UserError(f"loss became NaN or inf at {e}; stopped. The last good state (epoch {last['epoch']}) is "
                         f"in {ckpt_dir / 'last.pth'}; try a lower --lr") from None
     if not stopper.restore(model):  # warm-up longer than the run, or --select last: keep the final weights
@@ -935,7 +935,7 @@ def environment(device: torch.device) -> dict:
 # What must match between an interrupted run and its resumption (paths, device and plots may change).
 RESUME_KEYS = ("demo", "protocol", "tgt_split", "recipe", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
                "lr_schedule", "gamma", "dom_weight", "bn", "cls_dropout", "norm", "select", "patience", "min_delta",
-               "warmup_epochs", "seeds", "no_baseline")
+               "warmup_epochs", "no_baseline")
 
 
 def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path], tag: str) -> dict:
@@ -943,6 +943,10 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
     t_start = time.time()
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
+        if "phase" not in resume:
+            raise UserError(f"{args.resume} is a final checkpoint; resume from the 'last.pth' an interrupted run wrote")
+        if resume.get("seed", seed) != seed:
+            raise UserError(f"{args.resume} holds seed {resume['seed']}; resume it with --seed {resume['seed']}")
         saved = resume.get("config", {})
         for k in RESUME_KEYS:
             if k in saved and saved[k] != vars_json(args)[k]:
@@ -950,6 +954,11 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
                                 "resume with the flags of the interrupted run")
     set_seed(seed)
     data = load_data(args, seed, ctx.device, ctx.log)
+    if args.data_path == "auto":  # the train splits as 32x32 uint8 must leave the device half free
+        need = sum(len(x) * x.shape[1] * 32 * 32 for x in (data.src["train"][0], data.tgt["train"][0]))
+        free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device.type == "cuda" else math.inf
+        args.data_path = "device" if need < free / 2 else "loader"
+        ctx.log(f"data: path={args.data_path} ({need / 2**20:.0f} MiB of training images)")
     for dom, sp in (("source", data.src), ("target", data.tgt)):
         if args.batch_size > len(sp["train"][0]):
             raise UsageError(f"--batch-size {args.batch_size} is larger than the {dom} train split ({len(sp['train'][0])} images)")
@@ -1015,6 +1024,8 @@ def eval_only(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path]) -> int:
         model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError) as e:
         raise UserError(f"checkpoint {args.checkpoint} does not fit this network ({str(e).splitlines()[0]})") from None
+    if cfg.get("demo", args.demo) != args.demo:
+        raise UserError(f"{args.checkpoint} was trained {'with' if cfg['demo'] else 'without'} --demo; evaluate it the same way")
     for k in ("protocol", "tgt_split", "norm"):  # evaluate on the splits and normalisation it was trained with
         if k in cfg:
             setattr(args, k, cfg[k])
@@ -1085,8 +1096,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if args.data_path == "auto":
-            args.data_path = "device"  # a few hundred MB of uint8: fits any GPU this network is trained on
         ctx = Ctx(device, amp=device.type == "cuda" and not args.no_amp, channels_last=True, log=log)
         out = {"checkpoints": args.out_dir / "checkpoints", "figures": args.out_dir / "figures"}
         check_writable(*out.values())
@@ -1108,10 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{k}={v['mean']:.4f}+-{v['std']:.4f}" for k, v in s.items() if k.endswith("acc") or k.endswith("improvement")))
         return 0
     except Interrupted as e:
-        given = list(argv if argv is not None else sys.argv[1:])
-        keep = [a for i, a in enumerate(given) if a != "--resume" and (i == 0 or given[i - 1] != "--resume")]
-        cmd = " ".join(shlex.quote(a) for a in keep)
-        print(f"\ninterrupted; state saved to {e}. Resume with: python DANN.py {cmd} --resume {e}", file=sys.stderr)
+        path, seed = e.args
+        keep, skip = [], False
+        for a in (argv if argv is not None else sys.argv[1:]):  # the same flags, less old --resume and --seed(s)
+            skip = a in ("--resume", "--seed", "--seeds") if a.startswith("--") else skip
+            keep += [] if skip else [a]
+        cmd = " ".join(shlex.quote(a) for a in [*keep, "--seed", str(seed), "--resume", path])
+        print(f"\ninterrupted; state saved to {path}. Resume with: python DANN.py {cmd}", file=sys.stderr)
         return 130
     except UserError as e:
         print(f"DANN.py: error: {e}", file=sys.stderr)

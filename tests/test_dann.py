@@ -287,8 +287,11 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_matches_an_uninterrupted_run(tm
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     last = tmp_path / "int" / "checkpoints" / "last.pth"
-    assert "Resume with: python DANN.py" in err and f"--resume {last}" in err
+    assert "Resume with: python DANN.py" in err and f"--seed 0 --resume {last}" in err
     assert torch.load(last, weights_only=True)["phase"] == "dann"
+    final = tmp_path / "full" / "checkpoints" / "best_dann_final.pth"
+    r = cli(*flags_i, "--resume", str(final))
+    assert r.returncode == 1 and "is a final checkpoint" in r.stderr
     r = cli(*flags_i, "--resume", str(last))
     assert r.returncode == 0, r.stderr
     got = results(tmp_path / "int")["runs"][0]
@@ -317,6 +320,8 @@ def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_
     ev = json.loads((tmp_path / "ev" / "checkpoints" / "eval_results.json").read_text())
     assert ev["tgt_test_acc"] == pytest.approx(results(out)["runs"][0]["dann"]["tgt_test_acc"])
     assert (tmp_path / "ev" / "figures" / "eval_tsne.png").exists()
+    code, _, err = run_main(["--demo", "--eval-only", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ev")], capsys)
+    assert code == 1 and "was trained without --demo" in err
     bad = tmp_path / "bad.pth"
     torch.save({"format": DANN.CKPT_FORMAT, "model": {"feat.0.weight": torch.zeros(1)}, "config": {}}, bad)
     code, _, err = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
