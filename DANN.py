@@ -140,8 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test sets, no training")
     o.add_argument("--checkpoint", type=Path, metavar="PATH", help="checkpoint for --eval-only")
     o.add_argument("--tsne", action="store_true", help="with --eval-only: also redraw the t-SNE plot")
-    o.add_argument("--benchmark", action="store_true", help="time device vs DataLoader path per epoch, then exit")
-    o.add_argument("--bench-epochs", type=int, default=3, help="timed epochs per phase and path in --benchmark (default: 3)")
     return p
 
 
@@ -165,7 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (args.patience <= 0, "--patience must be positive"), (args.gamma < 0, "--gamma must be >= 0"),
         (args.lr <= 0, "--lr must be positive"), (args.warmup_epochs < 0, "--warmup-epochs must be >= 0"),
         (args.dom_weight < 0, "--dom-weight must be >= 0"), (args.num_workers < 0, "--num-workers must be >= 0"),
-        (args.tsne_points < 20, "--tsne-points must be at least 20"), (args.bench_epochs < 2, "--bench-epochs must be >= 2"),
+        (args.tsne_points < 20, "--tsne-points must be at least 20"),
         (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
         (args.resume is not None and len(args.seeds) > 1, "--resume continues one run: give a single --seed"),
     ]
@@ -325,8 +323,9 @@ def load_mnistm(root: Path, cache_dir: Path, skip_bad: bool, log: Callable[[str]
     if cache.exists():
         try:
             with np.load(cache) as z:
-                ok = str(z["key"]) == key and all(len(z[f"x_{s}"]) == len(z[f"y_{s}"]) == len(listing[s][0]) - int(z[f"skipped_{s}"])
-                                                  for s in ("train", "test"))
+                skipped = {s: int(z[f"skipped_{s}"]) for s in ("train", "test")}
+                ok = str(z["key"]) == key and (skip_bad or not any(skipped.values())) and all(
+                    len(z[f"x_{s}"]) == len(z[f"y_{s}"]) == len(listing[s][0]) - skipped[s] for s in skipped)
                 if ok:
                     log(f"data: MNIST-M from cache {cache}")
                     return _as_raw(z)
@@ -636,10 +635,10 @@ class EarlyStopping:
         return self.best_state is not None
 
     def state_dict(self) -> dict:
-        return dict(best=self.best, best_epoch=self.best_epoch, bad=self.bad, best_state=self.best_state)
+        return dict(vars(self))
 
     def load_state_dict(self, s: dict) -> None:
-        self.best, self.best_epoch, self.bad, self.best_state = s["best"], s["best_epoch"], s["bad"], s["best_state"]
+        vars(self).update(s)
 
 
 @torch.no_grad()
@@ -1040,27 +1039,23 @@ def eval_only(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path]) -> int:
     return 0
 
 
-def benchmark(args: argparse.Namespace, ctx: Ctx) -> int:
-    """Per-epoch time of both phases on the device-resident path and the report-style DataLoader path."""
-    data = load_data(args, args.seeds[0], ctx.device, ctx.log)
-    rows = {}
-    for path in ("device", "loader"):
-        for phase in ("source_only", "dann"):
-            a = copy.copy(args)
-            a.data_path, a.epochs, a.select, a.warmup_epochs = path, args.bench_epochs, "last", args.bench_epochs
-            set_seed(args.seeds[0])
-            hist, _ = fit(phase, ctx.new_model(a.cls_dropout), data, a, ctx, Path(tempfile.gettempdir()), None, {})
-            t = float(np.median([h["time_s"] for h in hist[1:]]))  # epoch 1 pays warm-up (cudnn autotune, workers)
-            n = min(len(data.src["train"][0]), len(data.tgt["train"][0])) if phase == "dann" else len(data.src["train"][0])
-            imgs = n // a.batch_size * a.batch_size * (2 if phase == "dann" else 1)  # source + target images
-            rows[(path, phase)] = (t, imgs / t)
-    ctx.log(f"benchmark: device={ctx.device} torch={torch.__version__} batch={args.batch_size} amp={ctx.amp} "
-            f"workers={args.num_workers} (median of epochs 2..{args.bench_epochs}, epoch time includes validation)")
-    for phase in ("source_only", "dann"):
-        (td, rd), (tl, rl) = rows[("device", phase)], rows[("loader", phase)]
-        ctx.log(f"benchmark: phase={phase} device_epoch_s={td:.3f} device_img_s={rd:.0f} loader_epoch_s={tl:.3f} "
-                f"loader_img_s={rl:.0f} speedup={tl / td:.1f}x")
-    return 0
+def make_ctx(args: argparse.Namespace, log: Callable[[str], None]) -> Ctx:
+    """The one device, and the backend switches that go with it."""
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device name") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return Ctx(device, amp=device.type == "cuda" and not args.no_amp, channels_last=True, log=log)
 
 
 def keep_freed_memory() -> None:
@@ -1079,36 +1074,17 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731 - plain lines, easy to grep
     old_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill saves 'last' too
     try:
-        if args.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            try:
-                device = torch.device(args.device)
-            except RuntimeError:
-                raise UsageError(f"--device {args.device!r} is not a device name") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise UsageError("--device cuda was asked for but CUDA is not available")
-        if args.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic = True
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        ctx = Ctx(device, amp=device.type == "cuda" and not args.no_amp, channels_last=True, log=log)
+        ctx = make_ctx(args, log)
         out = {"checkpoints": args.out_dir / "checkpoints", "figures": args.out_dir / "figures"}
         check_writable(*out.values())
         if args.eval_only:
             return eval_only(args, ctx, out)
-        if args.benchmark:
-            return benchmark(args, ctx)
         t0 = time.time()
         multi = len(args.seeds) > 1
         runs = [run_seed(args, s, ctx, out, "multi" if multi else "") for s in args.seeds]
         results = {"protocol": runs[0]["protocol"], "recipe": args.recipe, "seeds": args.seeds,
                    "summary": summarise(runs), "runs": runs, "config": vars_json(args),
-                   "environment": environment(device), "wall_time_s": time.time() - t0}
+                   "environment": environment(ctx.device), "wall_time_s": time.time() - t0}
         prefix = "demo_" if args.demo else ""
         write_json(out["checkpoints"] / f"{prefix}config.json", vars_json(args))
         write_json(out["checkpoints"] / f"{prefix}results.json", results)

@@ -4,7 +4,7 @@
   python tests/gpu_study.py --mnistm-root /tmp/data/mnist_m --data-dir /tmp/data --out results/ --budget 520
 
 Stages, in priority order, each skipped when the time budget (seconds) is too short for it:
-  1. bench   : `DANN.py --benchmark` (device-resident vs report-style DataLoader, same data); builds the cache first
+  1. bench   : `tests/benchmark.py` (device-resident vs report-style DataLoader, same data); builds the cache first
   2. default : one full default run of the report recipe, timed alone (wall, peak GPU memory, peak RSS)
   3. levers  : each lever of issue C alone on the report recipe, official protocol, seeds 1 2 3, 50 epochs
                (`--select last`, so every epoch's validation numbers exist for the selection-rule analysis)
@@ -76,14 +76,14 @@ def main() -> None:
                 if f.is_file() and f.suffix != ".pth":
                     tar.add(f, arcname=str(f.relative_to(a.out)))
 
-    def run(name: str, args: list[str], timeout: float) -> dict:
+    def run(name: str, args: list[str], timeout: float, script: str = "DANN.py") -> dict:
         left = t_end - time.time()
         if left < 10:
             say(f"skip {name}: budget spent")
             return {"name": name, "rc": None}
         out = a.out / "runs" / name
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "DANN.py", *args, *data, "--out-dir", str(out)]
+        cmd = [sys.executable, script, *args, *data, "--out-dir", str(out)]
         t0 = time.time()
         with open(out / "log.txt", "w") as log:
             log.write(" ".join(cmd) + "\n")
@@ -138,7 +138,7 @@ def main() -> None:
     # 1-2: timings, alone on the GPU
     say(f"== start {time.strftime('%H:%M:%S')} python={sys.version.split()[0]} torch={DANN.torch.__version__} "
         f"gpu={DANN.torch.cuda.get_device_name(0) if DANN.torch.cuda.is_available() else 'none'}")
-    report["stages"]["bench"] = run("bench", ["--recipe", "report", "--benchmark", "--bench-epochs", "4", "--num-workers", "8"], 200)
+    report["stages"]["bench"] = run("bench", ["--recipe", "report", "--epochs", "4", "--num-workers", "8"], 200, "tests/benchmark.py")
     report["stages"]["default"] = run("default_report", ["--recipe", "report"], 120)
     # 3: levers
     lever_runs = parallel([(f"lever_{k}", STUDY + v, 240) for k, v in LEVERS.items()])

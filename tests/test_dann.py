@@ -271,6 +271,15 @@ def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, fake_data: dic
     assert runs[0] == runs[1]
 
 
+def test_benchmark_times_both_data_paths(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import benchmark
+    assert benchmark.main(tiny_flags(fake_data, tmp_path) + ["--epochs", "2", "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("source_only", "dann"):
+        assert f"benchmark: phase={phase} device_epoch_s=" in out and "loader_img_s=" in out and "speedup=" in out
+
+
 # ---------------------------------------------------------------------------------------------- resume, NaN, eval
 
 def test_ctrl_c_saves_last_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path: Path, fake_data: dict) -> None:
@@ -403,6 +412,8 @@ def test_skip_bad_images_skips_and_counts(tmp_path: Path) -> None:
     lines, log = _log()
     x, *_ = DANN.load_mnistm(root, tmp_path / "c", True, log)
     assert len(x) == 19 and any("skipped 1 unreadable train image(s)" in s for s in lines)
+    with pytest.raises(DANN.UserError, match="cannot read image"):  # a cache built with skips needs the flag too
+        DANN.load_mnistm(root, tmp_path / "c", False, log)
 
 
 def test_missing_mnist_offline_says_where_the_files_belong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

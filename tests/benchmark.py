@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Time DANN.py's two data paths side by side on the same data: device-resident uint8 tensors, and the report's
+DataLoader with per-sample PIL transforms. Prints per-epoch seconds and images/s for both phases, and the ratio.
+
+  python tests/benchmark.py --mnistm-root data/mnist_m [--epochs 3] [any DANN.py flag: --batch-size, --device ...]
+
+Each phase runs --epochs epochs (default 3) on each path; the first epoch pays warm-up (cuDNN autotuning, worker
+start) and is left out of the median. Epoch times include the per-epoch validation, as in a real run.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import DANN  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--epochs" not in argv:
+        argv += ["--epochs", "3"]
+    args = DANN.parse_args(argv)
+    if args.epochs < 2:
+        sys.exit("benchmark.py: error: --epochs must be at least 2 (the first epoch is warm-up)")
+    DANN.keep_freed_memory()
+    try:
+        ctx = DANN.make_ctx(args, lambda s: print(s, flush=True))
+        data = DANN.load_data(args, args.seeds[0], ctx.device, ctx.log)
+    except DANN.UserError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return e.code
+    rows = {}
+    for path in ("device", "loader"):
+        for phase in ("source_only", "dann"):
+            a = copy.copy(args)
+            a.data_path, a.select, a.warmup_epochs = path, "last", args.epochs  # no early stop, no restore
+            DANN.set_seed(args.seeds[0])
+            hist, _ = DANN.fit(phase, ctx.new_model(a.cls_dropout), data, a, ctx, Path(tempfile.gettempdir()), None, {})
+            t = float(np.median([h["time_s"] for h in hist[1:]]))
+            n = min(len(data.src["train"][0]), len(data.tgt["train"][0])) if phase == "dann" else len(data.src["train"][0])
+            imgs = n // a.batch_size * a.batch_size * (2 if phase == "dann" else 1)  # source + target images
+            rows[(path, phase)] = (t, imgs / t)
+    print(f"benchmark: device={ctx.device} torch={torch.__version__} batch={args.batch_size} amp={ctx.amp} "
+          f"workers={args.num_workers} (median of epochs 2..{args.epochs}, epoch time includes validation)")
+    for phase in ("source_only", "dann"):
+        (td, rd), (tl, rl) = rows[("device", phase)], rows[("loader", phase)]
+        print(f"benchmark: phase={phase} device_epoch_s={td:.3f} device_img_s={rd:.0f} loader_epoch_s={tl:.3f} "
+              f"loader_img_s={rl:.0f} speedup={tl / td:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
