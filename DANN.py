@@ -246,12 +246,11 @@ def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
             "release mnist_m_train/, mnist_m_test/ and mnist_m_{train,test}_labels.txt")
     out: dict[str, tuple[list[Path], list[int]]] = {}
     if (root / "training").is_dir() or (root / "testing").is_dir():  # layout (a)
-        for split, name in (("train", "training"), ("test", "testing")):
-            d = root / name
-            if not d.is_dir():
-                raise UserError(f"{root} has {'testing' if name == 'training' else 'training'}/ but no {name}/; {both}")
+        for split, name, other in (("train", "training", "testing"), ("test", "testing", "training")):
+            if not (root / name).is_dir():
+                raise UserError(f"{root} has {other}/ but no {name}/; {both}")
             files, labels = [], []
-            for c in sorted(p for p in d.iterdir() if p.is_dir()):
+            for c in sorted(p for p in (root / name).iterdir() if p.is_dir()):
                 if c.name not in [str(i) for i in range(10)]:
                     raise UserError(f"class folder {c} is not a digit 0-9")
                 imgs = sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTS)
@@ -259,33 +258,29 @@ def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
                     raise UserError(f"class folder {c} has no images")
                 files += imgs
                 labels += [int(c.name)] * len(imgs)
-            if not files:
-                raise UserError(f"{d} has no class folders 0-9; {both}")
             out[split] = (files, labels)
         return out
-    if any((root / n).exists() for n in ("mnist_m_train", "mnist_m_test", "mnist_m_train_labels.txt")):  # layout (b)
-        for split in ("train", "test"):
-            d, lab = root / f"mnist_m_{split}", root / f"mnist_m_{split}_labels.txt"
-            if not d.is_dir() or not lab.is_file():
-                raise UserError(f"{root} looks like the original MNIST-M release but lacks {d.name}/ or {lab.name}")
-            files, labels = [], []
-            for i, line in enumerate(lab.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                    raise UserError(f"{lab}:{i}: malformed line {line!r}, expected '<file.png> <digit>'")
-                if not 0 <= int(parts[1]) <= 9:
-                    raise UserError(f"{lab}:{i}: label {parts[1]} is outside 0-9")
-                if not (d / parts[0]).is_file():
-                    raise UserError(f"{lab}:{i}: image {d / parts[0]} does not exist")
-                files.append(d / parts[0])
-                labels.append(int(parts[1]))
-            if not files:
-                raise UserError(f"{lab} lists no images")
-            out[split] = (files, labels)
-        return out
-    raise UserError(f"{root} is neither MNIST-M layout: {both}")
+    if not any((root / n).exists() for n in ("mnist_m_train", "mnist_m_test", "mnist_m_train_labels.txt")):
+        raise UserError(f"{root} is neither MNIST-M layout: {both}")
+    for split in ("train", "test"):  # layout (b)
+        d, lab = root / f"mnist_m_{split}", root / f"mnist_m_{split}_labels.txt"
+        if not d.is_dir() or not lab.is_file():
+            raise UserError(f"{root} looks like the original MNIST-M release but lacks {d.name}/ or {lab.name}")
+        files, labels = [], []
+        for i, line in enumerate(lab.read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise UserError(f"{lab}:{i}: malformed line {line!r}, expected '<file.png> <digit>'")
+            if not 0 <= int(parts[1]) <= 9:
+                raise UserError(f"{lab}:{i}: label {parts[1]} is outside 0-9")
+            if not (d / parts[0]).is_file():
+                raise UserError(f"{lab}:{i}: image {d / parts[0]} does not exist")
+            files.append(d / parts[0])
+            labels.append(int(parts[1]))
+        out[split] = (files, labels)
+    return out
 
 
 def _read_rgb32(path: Path) -> tuple[np.ndarray | None, bool]:
@@ -818,7 +813,7 @@ def fit(phase: str, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx,
             raise Interrupted(str(ckpt_dir / "last.pth"), extra.get("seed")) from None
         raise UserError(f"loss became NaN or inf at {e}; stopped. The last good state (epoch {last['epoch']}) is "
                         f"in {ckpt_dir / 'last.pth'}; try a lower --lr") from None
-    if not stopper.restore(model):  # warm-up longer than the run, or --select last: keep the final weights
+    if not stopper.restore(model):  # the run ended inside the warm-up: nothing recorded, keep the final weights
         stopper.best_epoch = history[-1]["epoch"] if history else 0
     return history, stopper
 
