@@ -258,6 +258,8 @@ def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
                     raise UserError(f"class folder {c} has no images")
                 files += imgs
                 labels += [int(c.name)] * len(imgs)
+            if not files:
+                raise UserError(f"{root / name} has no class folders 0-9; {both}")
             out[split] = (files, labels)
         return out
     if not any((root / n).exists() for n in ("mnist_m_train", "mnist_m_test", "mnist_m_train_labels.txt")):
@@ -279,6 +281,8 @@ def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
                 raise UserError(f"{lab}:{i}: image {d / parts[0]} does not exist")
             files.append(d / parts[0])
             labels.append(int(parts[1]))
+        if not files:
+            raise UserError(f"{lab} lists no images")
         out[split] = (files, labels)
     return out
 

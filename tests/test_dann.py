@@ -374,6 +374,9 @@ def _bad_root(tmp_path: Path, case: str) -> Path:
         elif case == "a:empty-class":
             for p in (root / "training" / "3").iterdir():
                 p.unlink()
+        elif case == "a:no-classes":
+            for p in sorted((root / "testing").rglob("*"), reverse=True):
+                p.unlink() if p.is_file() else p.rmdir()
         elif case == "a:corrupt":
             (root / "training" / "4" / "00000004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         return root
@@ -381,7 +384,7 @@ def _bad_root(tmp_path: Path, case: str) -> Path:
     lab = root / "mnist_m_train_labels.txt"
     text = lab.read_text()
     lab.write_text({"b:missing-image": text + "99999999.png 3\n", "b:malformed": text + "oops\n",
-                    "b:label": text.replace("00000001.png 1", "00000001.png 12")}[case])
+                    "b:label": text.replace("00000001.png 1", "00000001.png 12"), "b:empty": "\n"}[case])
     return root
 
 
@@ -392,10 +395,12 @@ def _bad_root(tmp_path: Path, case: str) -> Path:
     ("a:no-testing", "has training/ but no testing/"),
     ("a:bad-class", "is not a digit 0-9"),
     ("a:empty-class", "has no images"),
+    ("a:no-classes", "testing has no class folders 0-9"),
     ("a:corrupt", "cannot read image"),
     ("b:missing-image", "99999999.png does not exist"),
     ("b:malformed", "malformed line 'oops'"),
     ("b:label", "label 12 is outside 0-9"),
+    ("b:empty", "mnist_m_train_labels.txt lists no images"),
 ])
 def test_bad_mnistm_folders_get_one_line_and_exit_1_before_anything_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture, case: str, message: str) -> None:
