@@ -1093,6 +1093,15 @@ def set_train(model: nn.Module, dropout: bool) -> None:
                 m.eval()
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm buffers are copied as they are."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, p in zip(ema.buffers(), model.buffers()):
+        e.copy_(p)
+
+
 def fit(phase: Phase, model: DANN, data: "Data", args: argparse.Namespace, ctx: Ctx, ckpt_dir: Path,
         resume: dict | None, extra: dict, on_epoch: Callable[..., dict] | None = None
         ) -> tuple[list[dict], EarlyStopping, DANN]:
@@ -1156,11 +1165,7 @@ def fit(phase: Phase, model: DANN, data: "Data", args: argparse.Namespace, ctx: 
                 losses["loss"].backward()
                 opt.step()
                 if ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(ema.parameters(), model.parameters()):
-                            e.lerp_(p, 1 - phase.ema)
-                        for e, p in zip(ema.buffers(), model.buffers()):
-                            e.copy_(p)
+                    ema_update(ema, model, phase.ema)
                 names = [k for k in losses if k != "loss"]
                 vals = torch.stack([losses[k].detach().float() for k in names])
                 bad = ~torch.isfinite(losses["loss"].detach())

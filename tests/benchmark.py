@@ -40,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         for phase in ("source_only", "dann"):
             a = copy.copy(args)
             a.data_path, a.select, a.warmup_epochs = path, "last", args.epochs  # no early stop, no restore
+            spec = next(p for p in DANN.plan(a) if p.name == phase)
             DANN.set_seed(args.seeds[0])
-            hist, _ = DANN.fit(phase, ctx.new_model(a.cls_dropout), data, a, ctx, Path(tempfile.gettempdir()), None, {})
+            hist, _, _ = DANN.fit(spec, ctx.new_model(a.cls_dropout), data, a, ctx, Path(tempfile.gettempdir()), None, {})
             t = float(np.median([h["time_s"] for h in hist[1:]]))
             n = min(len(data.src["train"][0]), len(data.tgt["train"][0])) if phase == "dann" else len(data.src["train"][0])
             imgs = n // a.batch_size * a.batch_size * (2 if phase == "dann" else 1)  # source + target images
             rows[(path, phase)] = (t, imgs / t)
-    print(f"benchmark: device={ctx.device} torch={torch.__version__} batch={args.batch_size} amp={ctx.amp} "
+    print(f"benchmark: device={ctx.device} torch={torch.__version__} batch={args.batch_size} bf16={ctx.amp} "
           f"workers={args.num_workers} (median of epochs 2..{args.epochs}, epoch time includes validation)")
     for phase in ("source_only", "dann"):
         (td, rd), (tl, rl) = rows[("device", phase)], rows[("loader", phase)]
