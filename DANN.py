@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DANN.py: Domain-Adversarial Neural Networks (Ganin & Lempitsky, 2015) and what came after, MNIST -> MNIST-M, in one file.
+"""DANN.py: Domain-Adversarial Neural Networks (Ganin & Lempitsky, 2015) and what came after, MNIST -> MNIST-M.
 
 Trains a source-only baseline, then an adapted model (DANN, or MMD / CORAL on the same loop), optionally a label-free
 refinement phase and a train-on-target ceiling, on labelled MNIST (source) and unlabelled MNIST-M (target). It
@@ -61,11 +61,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 # BatchNorm statistics (2-core CPU, real data and the demo).
 RECIPES["best"] = dict(RECIPES["report"], cls_dropout="element", select="last", eval_bn="domain")
 # --demo has ~650 source training images: smaller batches give it enough steps per epoch.
-DEMO_DEFAULTS = dict(batch_size=64, epochs=30, warmup_epochs=5, patience=10, refine_epochs=30, protocol="official")
+DEMO_DEFAULTS = dict(batch_size=64, epochs=60, warmup_epochs=5, patience=10, refine_epochs=20, protocol="official")
 MNIST_NORM, MNISTM_NORM = (0.1307, 0.3081), (0.5, 0.5)  # the report's transforms
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 METHODS = ("dann", "mmd", "coral")
-BN_STATS_IMAGES = 8192  # unlabelled train images per domain behind each domain's BatchNorm statistics
+# Unlabelled train images per domain behind each domain's BatchNorm statistics: for the final evaluation, and for the
+# per-epoch validation (one batch, so the per-epoch cost stays small next to an epoch of training).
+BN_STATS_IMAGES, BN_STATS_EPOCH = 8192, 512
 
 
 class UserError(Exception):
@@ -89,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python DANN.py --demo\n"
                "  python DANN.py --mnistm-root data/mnist_m --protocol official --seeds 1 2 3")
     d = p.add_argument_group("data")
-    d.add_argument("--mnistm-root", type=Path, help="MNIST-M folder, either layout (see README). Required unless --demo")
+    d.add_argument("--mnistm-root", type=Path,
+                   help="MNIST-M folder, either layout (see README). Required unless --demo")
     d.add_argument("--data-dir", type=Path, default=Path("data"), help="MNIST root for torchvision (default: ./data)")
-    d.add_argument("--demo", action="store_true", help="offline demo on scikit-learn's digits and photos (default: off)")
+    d.add_argument("--demo", action="store_true",
+                   help="offline demo on scikit-learn's digits and photos (default: off)")
     d.add_argument("--protocol", choices=["pooled", "official"],
                    help="target split: 'pooled' = report (train+test pooled, split by --tgt-split); 'official' = "
                         "the held-out test set is the test (default: pooled; demo: official, digit-disjoint)")
@@ -147,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refine", choices=["none", "dirt-t", "pseudo"],
                    help="'dirt-t' = target entropy + VAT + KL to a teacher; 'pseudo' = confident teacher pseudo-"
                         "labels on augmented target images; EMA weights are kept (default*: none)")
-    f.add_argument("--refine-epochs", type=int, default=10, help="fixed refinement budget, epochs (default: 10; demo 30)")
+    f.add_argument("--refine-epochs", type=int, default=10,
+                   help="fixed refinement budget, epochs (default: 10; demo 20)")
     f.add_argument("--refine-lr", type=float, default=1e-4, help="refinement learning rate (default: 1e-4)")
     f.add_argument("--vat-eps", type=float, default=3.5,
                    help="VAT radius, in units of the normalised input (default: 3.5, DIRT-T's for [-1, 1] inputs)")
-    f.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the refined weights (default: 0.998)")
+    f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the refined weights (default: 0.99)")
     f.add_argument("--pseudo-threshold", type=float, default=0.9,
                    help="'pseudo': teacher confidence a target image needs to be trained on (default: 0.9)")
     f.add_argument("--oracle", action="store_true", help="also train on the *labelled* target train split: the "
@@ -162,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto",
                    help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' (default: auto)")
     r.add_argument("--no-amp", action="store_true",
-                   help="disable bf16 autocast (default: on for CUDA, and for CPUs with native bf16: AVX512-BF16 or AMX)")
+                   help="disable bf16 autocast (default: on for CUDA, and for CPUs with native bf16: "
+                        "AVX512-BF16 or AMX)")
     r.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
                    help="torch.compile mode; reduce-overhead adds CUDA graphs (default: off, see README)")
     r.add_argument("--deterministic", action="store_true", help="strict deterministic CUDA kernels (default: off)")
@@ -187,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipe = dict(RECIPES[args.recipe])
     if args.demo:
         recipe.update(batch_size=DEMO_DEFAULTS["batch_size"], protocol=DEMO_DEFAULTS["protocol"])
+        if args.recipe == "best":  # chosen on the demo's target-validation split (README)
+            recipe.update(refine="pseudo")
         for k in ("epochs", "warmup_epochs", "patience", "refine_epochs"):  # only where the user kept the default
             if getattr(args, k) == parser.get_default(k):
                 setattr(args, k, DEMO_DEFAULTS[k])
@@ -279,7 +287,8 @@ def load_mnist(data_dir: Path, offline: bool) -> Raw:
         except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, AssertionError...
             err = e
     how = "" if offline else " and could not be downloaded"
-    raise UserError(f"MNIST not found under {data_dir / 'MNIST' / 'raw'}{how} ({str(err).splitlines()[0] if err else ''}); "
+    why = str(err).splitlines()[0] if err else ""
+    raise UserError(f"MNIST not found under {data_dir / 'MNIST' / 'raw'}{how} ({why}); "
                     "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
                     "t10k-labels-idx1-ubyte (or their .gz) there, or run once with network access")
 
@@ -406,7 +415,8 @@ def load_mnistm(root: Path, cache_dir: Path, skip_bad: bool, log: Callable[[str]
         for old in cache_dir.glob(f"mnistm-{tag}-*.npz"):  # this folder changed: its old cache is dead weight
             old.unlink()
         atomic_write(cache, lambda f: np.savez(f, **arrays))
-        log(f"data: decoded {sum(len(listing[s][0]) for s in listing)} target images in {time.time() - t0:.1f}s, cached at {cache}")
+        log(f"data: decoded {sum(len(listing[s][0]) for s in listing)} target images in {time.time() - t0:.1f}s, "
+            f"cached at {cache}")
     except OSError as e:
         log(f"data: could not write cache {cache} ({e.strerror}); continuing without it")
     return _as_raw(arrays)
@@ -459,7 +469,8 @@ class Data:
     def to(self, device: torch.device) -> "Data":
         """Val and test splits go to the device once, already 32x32 (small). Train splits stay put: the
         training path decides (device-resident copy, or a DataLoader over host memory)."""
-        move = lambda sp: {k: v if k == "train" else (resize32(v[0].to(device)), v[1].to(device)) for k, v in sp.items()}  # noqa: E731
+        def move(sp: dict) -> dict:
+            return {k: v if k == "train" else (resize32(v[0].to(device)), v[1].to(device)) for k, v in sp.items()}
         return Data(self.name, self.protocol, move(self.src), move(self.tgt), self.src_norm, self.tgt_norm)
 
 
@@ -550,7 +561,8 @@ class Batches:
             self.x, self.y, self.loader = resize32(x.to(ctx.device)), y.to(ctx.device), None
         else:
             self.loader = torch.utils.data.DataLoader(
-                ReportDataset(x, y, norm), batch_size=self.bs, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                ReportDataset(x, y, norm), batch_size=self.bs, shuffle=True, drop_last=True,
+                num_workers=args.num_workers,
                 pin_memory=ctx.device.type == "cuda", persistent_workers=args.num_workers > 0)
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -733,7 +745,8 @@ def vat_loss(classify: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return kl_div(logp, classify(x + eps * _unit(g.detach().float()).to(x.dtype)))
 
 
-def both_domains(fn: Callable[[torch.Tensor], tuple], xs: torch.Tensor, xt: torch.Tensor, bn: str) -> tuple[tuple, tuple]:
+def both_domains(fn: Callable[[torch.Tensor], tuple], xs: torch.Tensor, xt: torch.Tensor,
+                 bn: str) -> tuple[tuple, tuple]:
     """Run fn on source and target: in separate passes, so each BatchNorm normalises a domain with its own batch
     statistics (the report), or on one concatenated batch whose statistics mix the domains (--bn concat)."""
     if bn == "separate":
@@ -964,7 +977,8 @@ def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, 
     averaged over batches of bs (one batch: exact). Training normalises each domain with its own batch statistics,
     but the running statistics blend both domains; evaluating a domain with its own removes that mismatch."""
     was, bns = model.training, batchnorms(model)
-    keys = [k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]
+    keys = [k for k in model.state_dict() if k.rsplit(".", 1)[-1] in
+            ("running_mean", "running_var", "num_batches_tracked")]
     saved = {k: v.clone() for k, v in model.state_dict().items() if k in keys}
     momenta = [m.momentum for m in bns]
     model.eval()
@@ -983,8 +997,8 @@ def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, 
     return stats
 
 
-def domain_bn(model: DANN, data: "Data", ctx: Ctx) -> dict[str, BNStats]:
-    return {d: bn_stats(model, sp["train"][0], norm, ctx) for d, sp, norm in
+def domain_bn(model: DANN, data: "Data", ctx: Ctx, n: int = BN_STATS_IMAGES) -> dict[str, BNStats]:
+    return {d: bn_stats(model, sp["train"][0], norm, ctx, n) for d, sp, norm in
             (("src", data.src, data.src_norm), ("tgt", data.tgt, data.tgt_norm))}
 
 
@@ -1010,7 +1024,7 @@ def val_metrics(model: DANN, data: "Data", ctx: Ctx, args: argparse.Namespace, p
                 student: DANN | None = None) -> tuple[dict[str, torch.Tensor], dict[str, BNStats] | None]:
     """Per-epoch validation numbers as device tensors (read back together, once). Target labels appear only in
     tgt_val_acc*, logged for monitoring and never used to select or stop, and in the oracle's tgt_val_loss."""
-    own = domain_bn(model, data, ctx) if args.eval_bn == "domain" else None
+    own = domain_bn(model, data, ctx, BN_STATS_EPOCH) if args.eval_bn == "domain" else None
     bn = own or {"src": None, "tgt": None}
     (x, y), (xt, yt) = data.src["val"], data.tgt["val"]
     lp, dp = predict(model, x, data.src_norm, ctx, bn=bn["src"])
@@ -1035,7 +1049,8 @@ def val_metrics(model: DANN, data: "Data", ctx: Ctx, args: argparse.Namespace, p
     return m, own
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float,
+                   device: torch.device) -> torch.optim.Optimizer:
     fast = {"fused": True} if device.type == "cuda" else {}  # one kernel per step instead of one per tensor
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]
     extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
@@ -1050,7 +1065,8 @@ def lr_at(phase: Phase, p: float) -> float:
 
 
 def rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"cpu": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(s: dict, device: torch.device) -> None:
@@ -1117,7 +1133,8 @@ def fit(phase: Phase, model: DANN, data: "Data", args: argparse.Namespace, ctx: 
     steps = min(b.n for b in (lab, unl) if b is not None) // args.batch_size
     max_steps = phase.epochs * steps
     # The whole weight schedule lives on the device, so a step reads it without a host->device copy.
-    lambdas = lambda_schedule(torch.arange(max_steps, device=ctx.device) / max_steps, args.gamma) if phase.ramp else None
+    lambdas = (lambda_schedule(torch.arange(max_steps, device=ctx.device) / max_steps, args.gamma) if phase.ramp
+               else None)
     stopper = EarlyStopping(args.patience if phase.select != "last" else 10**9, args.min_delta, phase.warmup)
     ema = copy.deepcopy(model).requires_grad_(False) if phase.ema else None
     keep = ema if ema is not None else model
@@ -1321,7 +1338,8 @@ def _by_digit(ax: Any, emb: np.ndarray, pts: TsnePoints) -> None:
 def _digit_legend(ax: Any) -> None:
     plt, cmap = _plt(), _plt().get_cmap("tab10")
     handles = [plt.Line2D([], [], ls="", marker="s", color=cmap(c), label=str(c)) for c in range(10)]
-    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab) for m, lab in (("o", "source"), ("x", "target"))]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab)
+                for m, lab in (("o", "source"), ("x", "target"))]
     ax.legend(handles=handles, fontsize=7, ncol=2, loc="best")
 
 
@@ -1350,7 +1368,8 @@ def plot_evolution(panels: list[tuple[str, np.ndarray]], pts: TsnePoints, path: 
         _by_digit(ax, emb, pts)
         ax.set_title(title, fontsize=9)
     _digit_legend(axes[0][-1])
-    fig.suptitle("feature space over training (t-SNE of the 100-d label-head features; o source, x target)", fontsize=10)
+    fig.suptitle("feature space over training (t-SNE of the 100-d label-head features; o source, x target)",
+                 fontsize=10)
     _save_fig(fig, path)
 
 
@@ -1399,11 +1418,19 @@ def vars_json(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, amp: bool) -> dict:
     import torchvision
     env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
            "device": str(device), "cpu_threads": torch.get_num_threads(), "bf16_autocast": amp,
-           "cpu": platform.processor() or platform.machine()}
+           "cpu": cpu_name()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["peak_gpu_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -1435,7 +1462,9 @@ def checkpoint_name(phase: str) -> str:
     m = method_of(phase)
     if m is None:
         return "best_oracle" if phase == "oracle" else "best_source_only"
-    return "best_refined" if phase == "refine" else f"best_{m}_refined" if phase.endswith("refine") else f"best_{m}_final"
+    if phase == "refine":
+        return "best_refined"
+    return f"best_{m}_refined" if phase.endswith("refine") else f"best_{m}_final"
 
 
 def plan(args: argparse.Namespace) -> list[Phase]:
@@ -1500,8 +1529,10 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         state["pad"]["raw_pixels"] = pad_of(None, data, ctx, None)
         ctx.log(f"pad: stage=raw_pixels pad={state['pad']['raw_pixels']:.4f}")
     if plots and resume is None:  # the untrained network, for the report's before/after pair
-        bn = domain_bn(ctx.new_model(args.cls_dropout), data, ctx) if args.eval_bn == "domain" else None
-        plot_tsne(embed(pts.features(ctx.new_model(args.cls_dropout), data, ctx, bn), seed), pts, args.demo,
+        with torch.random.fork_rng(devices=[]):  # figures must not change the training run's random numbers
+            untrained = ctx.new_model(args.cls_dropout)
+        bn = domain_bn(untrained, data, ctx) if args.eval_bn == "domain" else None
+        plot_tsne(embed(pts.features(untrained, data, ctx, bn), seed), pts, args.demo,
                   fig / f"{prefix}tsne_before.png", "untrained network")
     first = args.method[0]
     for phase in plan(args):
@@ -1544,7 +1575,8 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         more = " ".join(f"{k}={r[k]:.4f}" for k in ("tgt_test_acc_blended", "improvement", "dom_acc", "pad") if k in r)
         ctx.log(f"{phase.name}: protocol={data.protocol} seed={seed} src_test_acc={tm['src_test_acc']:.4f} "
                 f"tgt_test_acc={tm['tgt_test_acc']:.4f} {more} best_epoch={stop.best_epoch} "
-                f"wall_time_s={r['wall_time_s']:.1f}" + (f" note={ORACLE_NAME.replace(' ', '_')}" if phase.name == "oracle" else ""))
+                f"wall_time_s={r['wall_time_s']:.1f}" +
+                (f" note={ORACLE_NAME.replace(' ', '_')}" if phase.name == "oracle" else ""))
         if plots and phase.name != "oracle":
             emb = embed(pts.features(model, data, ctx, bn), seed)
             title = "source-only" if method is None else f"{phase.name.replace('_', ' ')} (epoch {stop.best_epoch})"
@@ -1556,7 +1588,8 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
                       "source-only baseline" if method is None else f"after {phase.name.replace('_', ' ')}")
             if method is not None:
                 plot_curves([h for h in state["hist"] if method_of(h["phase"]) == method],
-                            [h for h in state["hist"] if h["phase"] == "source_only"], fig / f"{prefix}curves{suffix}.png")
+                            [h for h in state["hist"] if h["phase"] == "source_only"],
+                            fig / f"{prefix}curves{suffix}.png")
                 plot_confusion(data.tgt["test"][1].cpu(), pred, fig / f"{prefix}confusion{suffix}.png",
                                f"{phase.name} on target test ({data.protocol} protocol), acc {tm['tgt_test_acc']:.3f}")
         state["done"].append(phase.name)
@@ -1623,11 +1656,12 @@ def write_report(path: Path, results: dict, table: str, figures: list[str], argv
     hw = env.get("gpu") or f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
     lines = [
         "# Domain adaptation MNIST → MNIST-M: run report", "",
-        f"- Data: {'offline demo (scikit-learn digits → digits on photos)' if results['config']['demo'] else 'MNIST → MNIST-M'}, "
+        f"- Data: {'the offline demo' if results['config']['demo'] else 'MNIST → MNIST-M'}, "
         f"protocol `{results['protocol']}`; seeds {', '.join(map(str, results['seeds']))}.",
         f"- Recipe `{results['recipe']}`, method(s) {', '.join(results['config']['method'])}, refinement "
         f"`{results['config']['refine']}`, BatchNorm statistics at evaluation: `{results['config']['eval_bn']}`.",
-        f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
+        f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, "
+        f"bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
         f"- Command: `python DANN.py {' '.join(shlex.quote(a) for a in argv)}`",
         f"- Wall time: {results['wall_time_s']:.0f} s.", "",
         "Target labels were read only to report accuracy" +

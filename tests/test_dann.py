@@ -26,6 +26,18 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV, cwd=ROOT)
 
 
+def interrupt_at(flags: list[str], line_start: str) -> tuple[int, str]:
+    """Run the CLI, press Ctrl-C once a log line starts with line_start; returns (exit status, stderr)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "DANN.py"), *flags], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith(line_start):
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
 def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     code = DANN.main(argv)
     out, err = capsys.readouterr()
@@ -248,11 +260,13 @@ def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.Cap
     assert (tmp_path / "checkpoints" / "demo_best_dann_final.pth").exists()
 
 
-def test_official_protocol_on_the_imagefolder_layout_with_several_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_official_protocol_on_the_imagefolder_layout_with_several_seeds(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
     data = make_mnist(tmp_path / "d")
     root = make_mnistm(tmp_path / "m", "imagefolder")
     flags = tiny_flags({"data_dir": data, "mnistm": root}, tmp_path / "o")
-    code, out, _ = run_main(flags + ["--protocol", "official", "--seeds", "1", "2", "--no-plots", "--epochs", "2"], capsys)
+    flags += ["--protocol", "official", "--seeds", "1", "2", "--no-plots", "--epochs", "2"]
+    code, out, _ = run_main(flags, capsys)
     assert code == 0
     res = results(tmp_path / "o")
     assert res["protocol"] == "official" and [r["seed"] for r in res["runs"]] == [1, 2]
@@ -263,10 +277,11 @@ def test_official_protocol_on_the_imagefolder_layout_with_several_seeds(tmp_path
     assert (tmp_path / "o" / "checkpoints" / "seed2_best_dann_final.pth").exists()
 
 
-def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, fake_data: dict,
+                                                  capsys: pytest.CaptureFixture) -> None:
     runs = []
-    for name in ("a", "b"):
-        assert run_main(tiny_flags(fake_data, tmp_path / name) + ["--no-plots"], capsys)[0] == 0
+    for name, extra in (("a", []), ("b", ["--no-plots"])):  # drawing figures must not change the training run
+        assert run_main(tiny_flags(fake_data, tmp_path / name) + extra, capsys)[0] == 0
         r = results(tmp_path / name)["runs"][0]
         runs.append({k: {m: v for m, v in r[k].items() if m != "wall_time_s"} for k in ("source_only", "dann")})
     assert runs[0] == runs[1]
@@ -279,6 +294,8 @@ def test_benchmark_times_both_data_paths(tmp_path: Path, fake_data: dict, capsys
     out = capsys.readouterr().out
     for phase in ("source_only", "dann"):
         assert f"benchmark: phase={phase} device_epoch_s=" in out and "loader_img_s=" in out and "speedup=" in out
+    assert benchmark.main(tiny_flags(fake_data, tmp_path) + ["--profile", "2"]) == 0
+    assert "Self CPU" in capsys.readouterr().out  # torch.profiler's table of the costliest ops
 
 
 # ---------------------------------------------------------------------------------------------- resume, NaN, eval
@@ -288,14 +305,8 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_matches_an_uninterrupted_run(tm
     assert cli(*flags).returncode == 0
     want = results(tmp_path / "full")["runs"][0]
     flags_i = tiny_flags(fake_data, tmp_path / "int") + ["--epochs", "6", "--patience", "6", "--no-plots"]
-    p = subprocess.Popen([sys.executable, str(ROOT / "DANN.py"), *flags_i], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    for line in p.stdout:
-        if line.startswith("phase=dann epoch=2 "):
-            p.send_signal(signal.SIGINT)
-            break
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err = interrupt_at(flags_i, "phase=dann epoch=2 ")
+    assert code == 130, err
     last = tmp_path / "int" / "checkpoints" / "last.pth"
     assert "Resume with: python DANN.py" in err and f"--seed 0 --resume {last}" in err
     assert torch.load(last, weights_only=True)["phase"] == "dann"
@@ -327,12 +338,14 @@ def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_
     out = tmp_path / "run"
     assert run_main(tiny_flags(fake_data, out) + ["--no-plots", "--protocol", "official"], capsys)[0] == 0
     ckpt = out / "checkpoints" / "best_dann_final.pth"
-    code, stdout, _ = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"], capsys)
+    ev_flags = tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"]
+    code, stdout, _ = run_main(ev_flags, capsys)
     assert code == 0 and "eval: protocol=official" in stdout
     ev = json.loads((tmp_path / "ev" / "checkpoints" / "eval_results.json").read_text())
     assert ev["tgt_test_acc"] == pytest.approx(results(out)["runs"][0]["dann"]["tgt_test_acc"])
     assert (tmp_path / "ev" / "figures" / "eval_tsne.png").exists()
-    code, _, err = run_main(["--demo", "--eval-only", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ev")], capsys)
+    code, _, err = run_main(["--demo", "--eval-only", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ev")],
+                            capsys)
     assert code == 1 and "was trained without --demo" in err
     bad = tmp_path / "bad.pth"
     torch.save({"format": DANN.CKPT_FORMAT, "model": {"feat.0.weight": torch.zeros(1)}, "config": {}}, bad)
@@ -455,12 +468,14 @@ def test_missing_mnistm_root_without_demo_is_a_usage_error(capsys: pytest.Captur
     assert e.value.code == 2 and "give --mnistm-root PATH" in capsys.readouterr().err
 
 
-def test_batch_larger_than_a_split_is_a_usage_error(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+def test_batch_larger_than_a_split_is_a_usage_error(tmp_path: Path, fake_data: dict,
+                                                    capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--batch-size", "5000"], capsys)
     assert code == 2 and "--batch-size 5000 is larger than the source train split (216 images)" in err
 
 
-def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
+def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: dict,
+                                                     capsys: pytest.CaptureFixture) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
     code, out, err = run_main(tiny_flags(fake_data, blocker), capsys)
@@ -603,7 +618,8 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     panels: list[list[str]] = []
     real = DANN.plot_evolution
-    monkeypatch.setattr(DANN, "plot_evolution", lambda p, pts, path: (panels.append([t for t, _ in p]), real(p, pts, path)))
+    monkeypatch.setattr(DANN, "plot_evolution",
+                        lambda p, pts, path: (panels.append([t for t, _ in p]), real(p, pts, path)))
     out = tmp_path / "o"
     code, stdout, _ = run_main(tiny_flags(fake_data, out) + [
         "--method", "dann", "mmd", "coral", "--refine", "pseudo", "--refine-epochs", "2", "--oracle",
@@ -627,7 +643,8 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     assert "| train-on-target (uses target labels) |" in stdout
     report = (out / "report.md").read_text()
     assert "| refine |" in report and "![tsne_evolution](figures/tsne_evolution.png)" in report
-    for f in ("tsne_evolution", "tsne_source_only", "tsne_after", "tsne_after_refine", "tsne_after_mmd", "curves_coral"):
+    for f in ("tsne_evolution", "tsne_source_only", "tsne_after", "tsne_after_refine", "tsne_after_mmd",
+              "curves_coral"):
         assert (out / "figures" / f"{f}.png").exists(), f
     # one panel per requested epoch, between the baseline and the final and refined models, all on the same points
     assert panels == [["source-only", "dann epoch 1", "dann epoch 2", "dann (epoch 3)", "refine (epoch 2)"]]
@@ -665,14 +682,8 @@ def test_resume_mid_refinement_equals_an_uninterrupted_run(tmp_path: Path, fake_
     assert cli(*tiny_flags(fake_data, tmp_path / "full"), *extra).returncode == 0
     want = results(tmp_path / "full")["runs"][0]
     flags_i = tiny_flags(fake_data, tmp_path / "int") + extra
-    p = subprocess.Popen([sys.executable, str(ROOT / "DANN.py"), *flags_i], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    for line in p.stdout:
-        if line.startswith("phase=refine epoch=2 "):
-            p.send_signal(signal.SIGINT)
-            break
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    code, err = interrupt_at(flags_i, "phase=refine epoch=2 ")
+    assert code == 130, err
     last = tmp_path / "int" / "checkpoints" / "last.pth"
     assert torch.load(last, weights_only=True)["phase"] == "refine"
     r = cli(*flags_i, "--resume", str(last))
