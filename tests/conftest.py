@@ -76,5 +76,6 @@ def fake_data(tmp_path: Path) -> dict[str, Path]:
 def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
     """A whole run in a few seconds on CPU."""
     return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline",
-            "--epochs", "3", "--batch-size", "16", "--warmup-epochs", "1", "--patience", "2", "--device", "cpu",
+            "--epochs", "3", "--refine-epochs", "2", "--batch-size", "16", "--warmup-epochs", "1", "--patience", "2",
+            "--device", "cpu",
             "--tsne-points", "40", "--out-dir", str(out)]

@@ -250,12 +250,14 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path, fake_data: dict) -> 
 
 
 def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = run_main(["--demo", "--epochs", "2", "--tsne-points", "60", "--device", "cpu",
+    code, out, _ = run_main(["--demo", "--epochs", "2", "--refine-epochs", "1", "--tsne-points", "60", "--device", "cpu",
                              "--out-dir", str(tmp_path)], capsys)
     assert code == 0
     assert "source_only: protocol=official" in out and "dann: protocol=official" in out
     res = results(tmp_path, "demo_")
     assert res["runs"][0]["data"] == "demo"
+    # the demo's own held-out digits are the test set: no digit (nor a photo copy of one) is in train and test
+    assert res["protocol"] == "official" and res["runs"][0]["splits"]["tgt_test"] == 180
     assert (tmp_path / "figures" / "demo_tsne_after.png").exists()
     assert (tmp_path / "checkpoints" / "demo_best_dann_final.pth").exists()
 
