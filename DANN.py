@@ -1380,15 +1380,17 @@ def plot_curves(hist: list[dict], base_hist: list[dict], path: Path) -> None:
         off = sum(len([h for h in hist if h["phase"] == q]) for q in phases[:phases.index(ph)])
         ep = [h["epoch"] + off for h in rows]
         for key, lab in (("cls_loss", "label loss (train)"), ("dom_loss", "domain loss (train)"),
-                         ("align_loss", "alignment loss (train)"), ("src_val_loss", "source val loss")):
+                         ("align_loss", "alignment loss (train)"), ("pseudo_loss", "pseudo-label loss (train)"),
+                         ("tgt_ent", "target entropy (train)"), ("src_val_loss", "source val loss")):
             if key in rows[0] and rows[0][key] == rows[0][key]:
                 ax[0].plot(ep, [h[key] for h in rows], label=f"{ph}: {lab}")
         for key, lab in (("src_val_acc", "source val acc"), ("tgt_val_acc", "target val acc (monitoring only)"),
                          ("dom_acc", "domain acc (0.5 = confused)"), ("pad", "proxy A-distance / 2")):
             if key in rows[0]:
                 ax[1].plot(ep, [h[key] / (2 if key == "pad" else 1) for h in rows], label=f"{ph}: {lab}")
-        ax[2].plot(ep, [h["lambda"] for h in rows], label=f"{ph}: adaptation weight lambda")
-        ax[2].plot(ep, [h["lr"] / rows[0]["lr"] for h in rows], label=f"{ph}: lr / lr0")
+        if ph in METHODS:
+            ax[2].plot(ep, [h["lambda"] for h in rows], label=f"{ph}: adaptation weight lambda")
+        ax[2].plot(ep, [h["lr"] / hist[0]["lr"] for h in rows], label=f"{ph}: lr / first lr")
     if base_hist:
         ax[1].plot([h["epoch"] for h in base_hist], [h["src_val_acc"] for h in base_hist], "--",
                    label="source-only, source val acc")
