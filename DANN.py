@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python DANN.py --mnistm-root data/mnist_m --protocol official --seeds 1 2 3")
     d = p.add_argument_group("data")
     d.add_argument("--mnistm-root", type=Path,
-                   help="MNIST-M folder, either layout (see README). Required unless --demo")
+                   help="MNIST-M folder, either layout (see README); required unless --demo (default: none)")
     d.add_argument("--data-dir", type=Path, default=Path("data"), help="MNIST root for torchvision (default: ./data)")
     d.add_argument("--demo", action="store_true",
                    help="offline demo on scikit-learn's digits and photos (default: off)")
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("outputs and modes")
     o.add_argument("--out-dir", type=Path, default=Path("."), help="root for checkpoints/ and figures/ (default: .)")
     o.add_argument("--resume", type=Path, metavar="PATH", help="continue from a 'last' checkpoint (default: none)")
-    o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test sets, no training")
+    o.add_argument("--eval-only", action="store_true",
+                   help="evaluate --checkpoint on the test sets, no training (default: off)")
     o.add_argument("--checkpoint", type=Path, metavar="PATH", help="checkpoint for --eval-only (default: none)")
     o.add_argument("--tsne", action="store_true", help="with --eval-only: also redraw the t-SNE plot (default: off)")
     return p
