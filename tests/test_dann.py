@@ -28,8 +28,10 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def interrupt_at(flags: list[str], line_start: str) -> tuple[int, str]:
     """Run the CLI, press Ctrl-C once a log line starts with line_start; returns (exit status, stderr)."""
+    # A shell that starts jobs in the background makes them ignore SIGINT, and children inherit that: restore it.
     p = subprocess.Popen([sys.executable, str(ROOT / "DANN.py"), *flags], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith(line_start):
             p.send_signal(signal.SIGINT)
