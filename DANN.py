@@ -1270,6 +1270,14 @@ def proxy_a_distance(fs: np.ndarray, ft: np.ndarray, seed: int = 0) -> float:
         return 2 * (1 - 2 * error(train, test, best_c))
 
 
+def top_features(model: DANN, xs: torch.Tensor, xt: torch.Tensor, data: "Data", ctx: Ctx,
+                 bn: dict[str, BNStats] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """100-d label-head features of source images xs and target images xt (on the host), each domain normalised
+    and evaluated with its own statistics where `bn` is given."""
+    return (predict(model, xs, data.src_norm, ctx, top=True, bn=bn and bn["src"]).cpu(),
+            predict(model, xt, data.tgt_norm, ctx, top=True, bn=bn and bn["tgt"]).cpu())
+
+
 def pad_of(model: DANN | None, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | None, n: int = 1000) -> float:
     """PAD of the 100-d label-head features on up to n test images per domain (labels unread), or of the normalised
     raw pixels when model is None."""
@@ -1278,8 +1286,7 @@ def pad_of(model: DANN | None, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | 
         fs, ft = (normalize(resize32(x), nm).flatten(1).cpu().numpy() for x, nm in
                   ((xs, data.src_norm), (xt, data.tgt_norm)))
     else:
-        fs = predict(model, xs, data.src_norm, ctx, top=True, bn=bn and bn["src"]).cpu().numpy()
-        ft = predict(model, xt, data.tgt_norm, ctx, top=True, bn=bn and bn["tgt"]).cpu().numpy()
+        fs, ft = (f.numpy() for f in top_features(model, xs, xt, data, ctx, bn))
     return proxy_a_distance(fs, ft)
 
 
@@ -1316,8 +1323,7 @@ class TsnePoints:
 
     def features(self, model: DANN, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | None) -> torch.Tensor:
         """100-d label-head features, each domain with the statistics it is evaluated with."""
-        return torch.cat([predict(model, x, norm, ctx, top=True, bn=bn and bn[d]).cpu() for x, norm, d in
-                          ((self.x[0], data.src_norm, "src"), (self.x[1], data.tgt_norm, "tgt"))])
+        return torch.cat(top_features(model, self.x[0], self.x[1], data, ctx, bn))
 
 
 def embed(feats: torch.Tensor, seed: int) -> np.ndarray:
