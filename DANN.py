@@ -51,19 +51,23 @@ from tqdm import tqdm
 
 # ==== Config / CLI ====================================================================================
 
-# The report's exact settings. Recipe-controlled flags default to None and are filled from here.
+# Every default that depends on the recipe, the demo or the pair lives in these tables. They become the parser's
+# defaults (set_defaults) before the real parse, so a flag the user types always wins, even one equal to a default,
+# and --help prints the values in force.
 RECIPES: dict[str, dict[str, Any]] = {
     "report": dict(bn="separate", cls_dropout="sample", optimizer="adamw", weight_decay=1e-2,
-                   lr_schedule="constant", norm="per-domain", batch_size=512, select="src-val-loss",
+                   lr_schedule="constant", norm="report", batch_size=512, select="src-val-loss",
                    eval_bn="blended", refine="none"),
 }
 # 'best' departs from the report where target-*validation* evidence supports it (README; the target test set took no
 # part): element-wise label-head dropout and the last epoch (H100 lever study), each domain evaluated with its own
 # BatchNorm statistics, and pseudo-label refinement (2-core CPU, real data and the demo).
-RECIPES["best"] = dict(RECIPES["report"], cls_dropout="element", select="last", eval_bn="domain", refine="pseudo")
+RECIPES["best"] = dict(RECIPES["report"], cls_dropout="element", select="last", eval_bn="domain", refine="pseudo",
+                       norm="per-domain")
 # --demo has ~650 source training images: smaller batches give it enough steps per epoch.
 DEMO_DEFAULTS = dict(batch_size=64, epochs=60, warmup_epochs=5, patience=10, refine_epochs=20, protocol="official")
-MNIST_NORM, MNISTM_NORM = (0.1307, 0.3081), (0.5, 0.5)  # the report's transforms
+DOMAINS = {"mnist": "MNIST", "mnistm": "MNIST-M", "usps": "USPS", "svhn": "SVHN"}  # --source/--target: display name
+REPORT_NORM = {"mnist": (0.1307, 0.3081)}  # the report's transforms; every other domain 0.5/0.5
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 METHODS = ("dann", "mmd", "coral")
 # Unlabelled train images per domain behind each domain's BatchNorm statistics: for the final evaluation, and for the
@@ -81,150 +85,182 @@ class UsageError(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training; args = (path of the saved 'last' checkpoint, seed)."""
+    """Ctrl-C or SIGTERM during a run; args = (path of the saved 'last' checkpoint,)."""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: X)' from the parser's own defaults, so help can never disagree with them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="DANN.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Unsupervised domain adaptation MNIST -> MNIST-M: source-only baseline, then DANN (or MMD, "
-                    "CORAL), optional label-free refinement.",
-        epilog="examples:\n  python DANN.py --demo\n"
-               "  python DANN.py --mnistm-root data/mnist_m --protocol official --seeds 1 2 3")
+        prog="DANN.py", formatter_class=_Help, allow_abbrev=False,
+        description="Unsupervised domain adaptation between digit data sets (MNIST, MNIST-M, USPS, SVHN): source-only "
+                    "baseline, then DANN (or MMD, CORAL), optional label-free refinement. Defaults shown are those "
+                    "of the recipe, pair and --demo on the same command line.",
+        epilog="examples:\n  python DANN.py --demo\n  python DANN.py --mnistm-root data/mnist_m\n"
+               "  python DANN.py --source usps --target mnist --seeds 1 2 3")
     d = p.add_argument_group("data")
-    d.add_argument("--mnistm-root", type=Path,
-                   help="MNIST-M folder, either layout (see README); required unless --demo (default: none)")
-    d.add_argument("--data-dir", type=Path, default=Path("data"), help="MNIST root for torchvision (default: ./data)")
-    d.add_argument("--demo", action="store_true",
-                   help="offline demo on scikit-learn's digits and photos (default: off)")
+    d.add_argument("--source", choices=DOMAINS, default="mnist", help="labelled source domain")
+    d.add_argument("--target", choices=DOMAINS, default="mnistm", help="unlabelled target domain")
+    d.add_argument("--mnistm-root", type=Path, help="MNIST-M folder, either layout (see README); needed when MNIST-M "
+                   "is the source or target")
+    d.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="root of MNIST/raw/, USPS/ and SVHN/ as torchvision lays them out")
+    d.add_argument("--demo", action="store_true", help="offline demo on scikit-learn's digits and photos")
     d.add_argument("--protocol", choices=["pooled", "official"],
-                   help="target split: 'pooled' = report (train+test pooled, split by --tgt-split); 'official' = "
-                        "the held-out test set is the test (default: pooled; demo: official, digit-disjoint)")
+                   help="target split: 'pooled' = the report's MNIST-M protocol (train+test pooled, split by "
+                        "--tgt-split); 'official' = the data set's held-out test set is the test")
     d.add_argument("--tgt-split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
-                   help="target fractions, positive, sum 1; 'official' uses the first two (default: 0.8 0.1 0.1)")
-    d.add_argument("--cache-dir", type=Path, help="decoded MNIST-M cache (default: <data-dir>/cache)")
-    d.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable images instead of failing (default: off)")
-    d.add_argument("--offline", action="store_true", help="never try to download MNIST (default: off)")
+                   help="target fractions, positive, sum 1; 'official' uses the first two")
+    d.add_argument("--cache-dir", type=Path, help="decoded MNIST-M cache; None = <data-dir>/cache")
+    d.add_argument("--skip-bad-images", action="store_true", help="skip unreadable MNIST-M images instead of failing")
+    d.add_argument("--offline", action="store_true", help="never try to download MNIST, USPS or SVHN")
     d.add_argument("--data-path", choices=["auto", "device", "loader"], default="auto",
                    help="'device': uint8 tensors resident on the device; 'loader': report-style DataLoader with "
-                        "per-sample PIL transforms; 'auto': device if it takes < half the free GPU memory "
-                        "(default: auto)")
+                        "per-sample PIL transforms; 'auto': device if it takes < half the free GPU memory")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader workers, loader path only (default: min(4, CPU cores))")
-    t = p.add_argument_group("training (defaults marked * come from --recipe)")
+                   help="DataLoader workers, loader path only")
+    t = p.add_argument_group("training", "the report recipe differs from 'best' in: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["report"].items() if RECIPES["best"][k] != v))
     t.add_argument("--recipe", choices=sorted(RECIPES), default="best",
-                   help="settings bundle: 'report' = the report exactly; 'best' = report + element dropout + "
-                        "last-epoch selection + per-domain BatchNorm statistics; explicit flags win (default: best)")
+                   help="settings bundle: 'report' = the report exactly; 'best' = validated departures from it, "
+                        "refinement included; explicit flags win")
     t.add_argument("--method", choices=METHODS, nargs="+", default=["dann"],
                    help="adaptation objective(s), each trained from scratch after the shared baseline: 'dann' = "
-                        "gradient reversal; 'mmd' / 'coral' align the 100-d label-head features (default: dann)")
-    t.add_argument("--epochs", type=int, default=50, help="max epochs per phase (default: 50; demo 30)")
-    t.add_argument("--batch-size", type=int, help="images per domain per step (default*: 512; demo 64)")
-    t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default: 1e-3)")
-    t.add_argument("--optimizer", choices=["adamw", "adam", "sgd"],
-                   help="optimiser; sgd uses momentum 0.9 (default*: adamw)")
-    t.add_argument("--weight-decay", type=float, help="weight decay (default*: 0.01)")
+                        "gradient reversal; 'mmd' / 'coral' align the 100-d label-head features")
+    t.add_argument("--epochs", type=int, default=50, help="max epochs per phase; an epoch is one pass over the "
+                   "larger training domain")
+    t.add_argument("--batch-size", type=int, help="images per domain per step")
+    t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    t.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], help="optimiser; sgd uses momentum 0.9")
+    t.add_argument("--weight-decay", type=float, help="weight decay")
     t.add_argument("--lr-schedule", choices=["constant", "anneal"],
-                   help="'anneal' = paper's lr/(1+10p)^0.75, p = step/max_steps (default*: constant)")
-    t.add_argument("--gamma", type=float, default=10.0, help="adaptation-weight schedule steepness, >= 0 (default: 10)")
-    t.add_argument("--dom-weight", type=float, default=1.0,
-                   help="alpha in L_y + alpha*L_align for every method (default: 1.0)")
+                   help="'anneal' = paper's lr/(1+10p)^0.75, p = step/max_steps")
+    t.add_argument("--gamma", type=float, default=10.0, help="adaptation-weight schedule steepness, >= 0")
+    t.add_argument("--dom-weight", type=float, default=1.0, help="alpha in L_y + alpha*L_align for every method")
     t.add_argument("--bn", choices=["separate", "concat"], help="BatchNorm sees source and target in separate "
-                   "forward passes (report) or one concatenated batch (default*: separate)")
+                   "forward passes (report) or one concatenated batch")
     t.add_argument("--cls-dropout", choices=["sample", "element", "none"],
                    help="label-head dropout: 'sample' = report's Dropout2d on a 2-D tensor, which drops whole "
-                        "samples; 'element' = nn.Dropout (default*: element; report: sample)")
-    t.add_argument("--norm", choices=["per-domain", "shared"],
-                   help="input normalisation: each domain's own statistics, or 0.5/0.5 for both (default*: per-domain)")
+                        "samples; 'element' = nn.Dropout")
+    t.add_argument("--norm", choices=["per-domain", "report", "shared"],
+                   help="input standardisation: each domain by its own training-pixel mean and std; the report's "
+                        "fixed transforms (MNIST 0.1307/0.3081, others 0.5/0.5); or 0.5/0.5 for both")
     t.add_argument("--eval-bn", choices=["domain", "blended"],
                    help="evaluate each domain with BatchNorm statistics of its own unlabelled train images (AdaBN), "
-                        "or with the running statistics training left (default*: domain; report: blended)")
+                        "or with the running statistics training left")
     t.add_argument("--select", choices=["src-val-loss", "tgt-entropy", "im", "last"],
                    help="model selection without target labels: source val loss (report), target-val prediction "
-                        "entropy, information maximisation, or the last epoch (default*: last; report: src-val-loss)")
-    t.add_argument("--vada", action="store_true", help="add VADA's target entropy and VAT terms to DANN (default: off)")
-    t.add_argument("--patience", type=int, default=10, help="early-stopping patience, epochs (default: 10)")
-    t.add_argument("--min-delta", type=float, default=0.0, help="smallest improvement that counts (default: 0)")
-    t.add_argument("--warmup-epochs", type=int, default=10,
-                   help="adaptation epochs before early stopping may act (default: 10; demo 5)")
+                        "entropy, information maximisation, or the last epoch (no early stop)")
+    t.add_argument("--vada", action="store_true", help="add VADA's target entropy and VAT terms to DANN")
+    t.add_argument("--patience", type=int, default=10, help="early-stopping patience, epochs")
+    t.add_argument("--min-delta", type=float, default=0.0, help="smallest improvement that counts, >= 0")
+    t.add_argument("--warmup-epochs", type=int, default=10, help="adaptation epochs before early stopping may act")
     f = p.add_argument_group("refinement (label-free, after adaptation) and the ceiling")
     f.add_argument("--refine", choices=["none", "dirt-t", "pseudo"],
                    help="'dirt-t' = target entropy + VAT + KL to a teacher; 'pseudo' = confident teacher pseudo-"
-                        "labels on augmented target images; EMA weights are kept (default*: pseudo; report: none)")
-    f.add_argument("--refine-epochs", type=int, default=10,
-                   help="fixed refinement budget, epochs (default: 10; demo 20)")
-    f.add_argument("--refine-lr", type=float, default=1e-4, help="refinement learning rate (default: 1e-4)")
+                        "labels on augmented target images; EMA weights are kept")
+    f.add_argument("--refine-epochs", type=int, default=10, help="fixed refinement budget, epochs")
+    f.add_argument("--refine-lr", type=float, default=1e-4, help="refinement learning rate")
     f.add_argument("--vat-eps", type=float, default=3.5,
-                   help="VAT radius, in units of the normalised input (default: 3.5, DIRT-T's for [-1, 1] inputs)")
-    f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the refined weights (default: 0.99)")
+                   help="VAT radius (dirt-t, --vada), in units of the normalised input; DIRT-T's for [-1, 1] inputs")
+    f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the refined weights")
     f.add_argument("--pseudo-threshold", type=float, default=0.9,
-                   help="'pseudo': teacher confidence a target image needs to be trained on (default: 0.9)")
+                   help="'pseudo': teacher confidence a target image needs to be trained on")
     f.add_argument("--oracle", action="store_true", help="also train on the *labelled* target train split: the "
-                   "train-on-target ceiling, a diagnostic that uses target labels (default: off)")
+                   "train-on-target ceiling, a diagnostic that uses target labels")
     r = p.add_argument_group("run")
     r.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0],
-                   help="one seed, or several for mean +- std (default: 0)")
-    r.add_argument("--device", default="auto",
-                   help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' (default: auto)")
+                   help="one seed, or several for mean +- std")
+    r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     r.add_argument("--no-amp", action="store_true",
-                   help="disable bf16 autocast (default: on for CUDA, and for CPUs with native bf16: "
-                        "AVX512-BF16 or AMX)")
+                   help="disable bf16 autocast (else on for CUDA, and for CPUs with native bf16: AVX512-BF16 or AMX)")
     r.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
-                   help="torch.compile mode; reduce-overhead adds CUDA graphs (default: off, see README)")
-    r.add_argument("--deterministic", action="store_true", help="strict deterministic CUDA kernels (default: off)")
-    r.add_argument("--no-baseline", action="store_true", help="skip the source-only phase (default: off)")
-    r.add_argument("--no-plots", action="store_true", help="skip t-SNE, curves and confusion figures (default: off)")
-    r.add_argument("--tsne-points", type=int, default=1000, help="t-SNE points, half per domain (default: 1000)")
+                   help="torch.compile mode on CUDA; reduce-overhead adds CUDA graphs (see README)")
+    r.add_argument("--deterministic", action="store_true", help="strict deterministic CUDA kernels")
+    r.add_argument("--no-baseline", action="store_true", help="skip the source-only phase")
+    r.add_argument("--no-plots", action="store_true", help="skip t-SNE, curves and confusion figures")
+    r.add_argument("--tsne-points", type=int, default=1000, help="t-SNE points, half per domain")
     r.add_argument("--tsne-epochs", type=int, nargs="*", default=[1, 3, 10],
                    help="adaptation epochs shown in tsne_evolution.png, beside source-only, the final and the "
-                        "refined model; none = no evolution figure (default: 1 3 10)")
+                        "refined model; none = no evolution figure")
     o = p.add_argument_group("outputs and modes")
-    o.add_argument("--out-dir", type=Path, default=Path("."), help="root for checkpoints/ and figures/ (default: .)")
-    o.add_argument("--resume", type=Path, metavar="PATH", help="continue from a 'last' checkpoint (default: none)")
-    o.add_argument("--eval-only", action="store_true",
-                   help="evaluate --checkpoint on the test sets, no training (default: off)")
-    o.add_argument("--checkpoint", type=Path, metavar="PATH", help="checkpoint for --eval-only (default: none)")
-    o.add_argument("--tsne", action="store_true", help="with --eval-only: also redraw the t-SNE plot (default: off)")
+    o.add_argument("--out-dir", type=Path, default=Path("."), help="root for checkpoints/ and figures/")
+    o.add_argument("--resume", type=Path, metavar="PATH", help="continue from the 'last.pth' an interrupted run wrote")
+    o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test sets, no training")
+    o.add_argument("--checkpoint", type=Path, metavar="PATH", help="checkpoint for --eval-only")
+    o.add_argument("--tsne", action="store_true", help="with --eval-only: also redraw the t-SNE plot")
     return p
+
+
+# With --eval-only the checkpoint decides everything about training; only these flags mean something.
+EVAL_FLAGS = {"eval_only", "checkpoint", "demo", "tsne", "tsne_points", "mnistm_root", "data_dir", "cache_dir",
+              "skip_bad_images", "offline", "device", "no_amp", "deterministic", "out_dir", "num_workers", "data_path"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
+    pre = argparse.ArgumentParser(prog="DANN.py", add_help=False, allow_abbrev=False)  # which tables apply
+    for a in parser._actions:
+        if a.dest in ("recipe", "demo", "target"):
+            pre._add_action(copy.copy(a))
+    first, _ = pre.parse_known_args(argv)
+    defaults = dict(RECIPES[first.recipe], protocol="pooled" if first.target == "mnistm" else "official")
+    if first.demo:
+        defaults.update(DEMO_DEFAULTS)
+    parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    recipe = dict(RECIPES[args.recipe])
-    if args.demo:
-        recipe.update(batch_size=DEMO_DEFAULTS["batch_size"], protocol=DEMO_DEFAULTS["protocol"])
-        for k in ("epochs", "warmup_epochs", "patience", "refine_epochs"):  # only where the user kept the default
-            if getattr(args, k) == parser.get_default(k):
-                setattr(args, k, DEMO_DEFAULTS[k])
-    recipe.setdefault("protocol", "pooled")
-    for k, v in recipe.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    given = explicit_flags(parser, argv)
     args.method = list(dict.fromkeys(args.method))  # each method once, in the order given
+    mnistm = "mnistm" in (args.source, args.target)
     checks = [
-        (args.mnistm_root is None and not args.demo, "give --mnistm-root PATH (or --demo for the offline demo)"),
+        (args.demo and bool(given & {"source", "target", "mnistm_root", "data_dir", "cache_dir", "skip_bad_images",
+                                     "offline"}), "--demo brings its own data: drop the data-set flags"),
+        (mnistm and args.mnistm_root is None and not args.demo and not args.eval_only,
+         "give --mnistm-root PATH (or --demo for the offline demo)"),
+        (not mnistm and "mnistm_root" in given, "--mnistm-root is only read when MNIST-M is --source or --target"),
+        (args.source == args.target, "--source and --target must be different data sets"),
+        (args.protocol == "pooled" and args.target != "mnistm" and not args.demo,
+         f"--protocol pooled is the report's MNIST-M protocol; for {DOMAINS[args.target]} use --protocol official"),
         (any(f <= 0 for f in args.tgt_split) or abs(sum(args.tgt_split) - 1) > 1e-6,
          f"--tgt-split fractions must be positive and sum to 1, got {args.tgt_split}"),
         (args.epochs <= 0, "--epochs must be positive"), (args.batch_size <= 0, "--batch-size must be positive"),
         (args.patience <= 0, "--patience must be positive"), (args.gamma < 0, "--gamma must be >= 0"),
         (args.lr <= 0 or args.refine_lr <= 0, "--lr and --refine-lr must be positive"),
-        (args.warmup_epochs < 0, "--warmup-epochs must be >= 0"),
+        (args.warmup_epochs < 0, "--warmup-epochs must be >= 0"), (args.min_delta < 0, "--min-delta must be >= 0"),
         (args.dom_weight < 0, "--dom-weight must be >= 0"), (args.num_workers < 0, "--num-workers must be >= 0"),
         (args.refine_epochs <= 0, "--refine-epochs must be positive"), (args.vat_eps < 0, "--vat-eps must be >= 0"),
         (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (not 0 < args.pseudo_threshold < 1, "--pseudo-threshold must be in (0, 1)"),
         (args.vada and "dann" not in args.method, "--vada adds to DANN: use it with --method dann"),
         (args.tsne_points < 20, "--tsne-points must be at least 20"),
-        (any(e <= 0 for e in args.tsne_epochs), "--tsne-epochs must be positive epoch numbers"),
+        ("tsne_epochs" in given and any(not 0 < e <= args.epochs for e in args.tsne_epochs),
+         f"--tsne-epochs must be adaptation epochs between 1 and --epochs ({args.epochs})"),
+        (args.data_path == "device" and "num_workers" in given, "--num-workers is for --data-path loader"),
+        (args.refine == "none" and bool(given & {"refine_epochs", "refine_lr", "ema_decay"}),
+         "--refine-epochs, --refine-lr and --ema-decay need --refine pseudo or dirt-t"),
+        ("pseudo_threshold" in given and args.refine != "pseudo", "--pseudo-threshold needs --refine pseudo"),
+        ("vat_eps" in given and args.refine != "dirt-t" and not args.vada, "--vat-eps needs --refine dirt-t or --vada"),
         (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
-        (args.resume is not None and len(args.seeds) > 1, "--resume continues one run: give a single --seed"),
+        (not args.eval_only and bool(given & {"checkpoint", "tsne"}), "--checkpoint and --tsne go with --eval-only"),
+        (args.eval_only and bool(given - EVAL_FLAGS), "--eval-only takes its settings from the checkpoint; drop " +
+         " ".join(sorted(f"--{k.replace('_', '-')}" for k in given - EVAL_FLAGS))),
     ]
     for bad, msg in checks:
         if bad:
             parser.error(msg)
+    args.tsne_epochs = [e for e in args.tsne_epochs if e <= args.epochs]  # the default's, in a short run
     return args
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests the user typed: the same parser with every default suppressed keeps only those."""
+    quiet = copy.deepcopy(parser)
+    for a in quiet._actions:
+        a.default = argparse.SUPPRESS
+    quiet._defaults.clear()
+    return set(vars(quiet.parse_args(argv)))
 
 
 # ==== Files: atomic writes and output folders =========================================================
@@ -270,27 +306,58 @@ def check_writable(*folders: Path) -> None:
             raise UserError(f"cannot write to output folder {d}: {e.strerror or e}") from None
 
 
-# ==== Data: MNIST, MNIST-M (two layouts, cached), the offline demo, protocols and splits ==============
+# ==== Data: MNIST, MNIST-M, USPS, SVHN, the offline demo, protocols and splits ======================
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_train, y_train, x_test, y_test; x uint8 NCHW
 
 
-def load_mnist(data_dir: Path, offline: bool) -> Raw:
+# Where torchvision keeps each data set under --data-dir, and the files it needs there.
+TV_FILES = {"mnist": ("MNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                                    "t10k-labels-idx1-ubyte")),
+            "usps": ("USPS", ("usps.bz2", "usps.t.bz2")),
+            "svhn": ("SVHN", ("train_32x32.mat", "test_32x32.mat"))}
+
+
+def _read_torchvision(name: str, data_dir: Path, download: bool) -> Raw:
     from torchvision import datasets
+    if name == "mnist":
+        tr, te = (datasets.MNIST(str(data_dir), train=t, download=download) for t in (True, False))
+        return tr.data[:, None], tr.targets.long(), te.data[:, None], te.targets.long()
+    if name == "usps":  # 16x16 grey, labels 1-10 on disk, 0-9 here
+        tr, te = (datasets.USPS(str(data_dir / "USPS"), train=t, download=download) for t in (True, False))
+        return (torch.from_numpy(tr.data)[:, None], torch.tensor(tr.targets), torch.from_numpy(te.data)[:, None],
+                torch.tensor(te.targets))
+    if download:
+        for split in ("train", "test"):
+            datasets.SVHN(str(data_dir / "SVHN"), split=split, download=True)
+    from scipy.io import loadmat  # read as torchvision reads it, without its checksum (which rejects any other file)
+    out: list[torch.Tensor] = []
+    for f in TV_FILES["svhn"][1]:
+        m = loadmat(str(data_dir / "SVHN" / f))
+        y = torch.from_numpy(m["y"].astype(np.int64).reshape(-1))
+        out += [torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))), y.masked_fill(y == 10, 0)]
+    return tuple(out)
+
+
+def load_torchvision(name: str, data_dir: Path, offline: bool) -> Raw:
+    """MNIST, USPS or SVHN from torchvision's files under data_dir, downloaded once when the network allows."""
     err: Exception | None = None
     for download in ([False] if offline else [False, True]):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints download chatter
-                tr = datasets.MNIST(str(data_dir), train=True, download=download)
-                te = datasets.MNIST(str(data_dir), train=False, download=download)
-            return tr.data[:, None], tr.targets.long(), te.data[:, None], te.targets.long()
-        except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, AssertionError...
+                raw = _read_torchvision(name, data_dir, download)
+            ok = all(x.dtype == torch.uint8 and x.dim() == 4 and len(x) == len(y) > 0 and 0 <= y.min() <= y.max() <= 9
+                     for x, y in (raw[:2], raw[2:]))
+            if ok:
+                return raw
+            err = ValueError("unexpected shapes or labels")
+        except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError, ValueError...
             err = e
+    folder, files = TV_FILES[name]
     how = "" if offline else " and could not be downloaded"
-    why = str(err).splitlines()[0] if err else ""
-    raise UserError(f"MNIST not found under {data_dir / 'MNIST' / 'raw'}{how} ({why}); "
-                    "put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                    "t10k-labels-idx1-ubyte (or their .gz) there, or run once with network access")
+    why = str(err).splitlines()[0] if err and str(err) else type(err).__name__
+    raise UserError(f"{DOMAINS[name]} not found under {data_dir / folder}{how}, or unreadable ({why}); put "
+                    f"{', '.join(files)} there (MNIST: or their .gz), or run once with network access")
 
 
 def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
@@ -452,26 +519,50 @@ def load_demo() -> tuple[Raw, Raw]:
 
 
 def own_norm(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of a domain's uint8 training pixels, in [0, 1] units (what 'per-domain' means for the demo)."""
-    v = x.float().div(255)
-    return round(v.mean().item(), 4), round(v.std().item(), 4)
+    """Mean and std of a domain's uint8 training pixels at 32x32, in [0, 1] units (a 256-bin histogram: exact, and
+    no float copy of the data set)."""
+    p = torch.bincount(resize32(x).flatten(), minlength=256).double()
+    v = torch.arange(256, dtype=torch.float64) / 255
+    mean = (p * v).sum() / p.sum()
+    return round(mean.item(), 4), round(((p * (v - mean) ** 2).sum() / p.sum()).sqrt().item(), 4)
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # uint8 NCHW images (1 or 3 channels), int64 labels
+
+
+@dataclass
+class Domain:
+    """One side of the problem: its name, its train/val/test splits and how its pixels are standardised."""
+    name: str  # a DOMAINS key, or the demo's 'digits' / 'photos'
+    splits: dict[str, Split]
+    norm: tuple[float, float]
+
+    @property
+    def title(self) -> str:
+        return DOMAINS.get(self.name, {"digits": "digits", "photos": "digits on photos"}.get(self.name, self.name))
 
 
 @dataclass
 class Data:
-    name: str            # "mnistm" or "demo"
+    src: Domain
+    tgt: Domain
     protocol: str
-    src: dict[str, tuple[torch.Tensor, torch.Tensor]]  # train/val/test -> (uint8 NCHW, labels)
-    tgt: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    src_norm: tuple[float, float]
-    tgt_norm: tuple[float, float]
+    demo: bool = False
+
+    @property
+    def pair(self) -> str:
+        return "demo" if self.demo else f"{self.src.name}->{self.tgt.name}"
+
+    def domains(self) -> tuple[tuple[str, Domain], tuple[str, Domain]]:
+        return ("src", self.src), ("tgt", self.tgt)
 
     def to(self, device: torch.device) -> "Data":
         """Val and test splits go to the device once, already 32x32 (small). Train splits stay put: the
         training path decides (device-resident copy, or a DataLoader over host memory)."""
-        def move(sp: dict) -> dict:
-            return {k: v if k == "train" else (resize32(v[0].to(device)), v[1].to(device)) for k, v in sp.items()}
-        return Data(self.name, self.protocol, move(self.src), move(self.tgt), self.src_norm, self.tgt_norm)
+        def move(d: Domain) -> Domain:
+            return Domain(d.name, {k: v if k == "train" else (resize32(v[0].to(device)), v[1].to(device))
+                                   for k, v in d.splits.items()}, d.norm)
+        return Data(move(self.src), move(self.tgt), self.protocol, self.demo)
 
 
 def _cut(n: int, fracs: list[float], g: torch.Generator) -> list[torch.Tensor]:
@@ -481,9 +572,11 @@ def _cut(n: int, fracs: list[float], g: torch.Generator) -> list[torch.Tensor]:
     return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def make_splits(name: str, src: Raw, tgt: Raw, protocol: str, tgt_split: list[float], norm: str, seed: int) -> Data:
+def make_splits(names: tuple[str, str], src: Raw, tgt: Raw, protocol: str, tgt_split: list[float], norm: str,
+                seed: int, demo: bool = False) -> Data:
+    """Source: its train set split 90/10 into train/val, its official test set. Target: see --protocol."""
     g = torch.Generator().manual_seed(seed)
-    tr, va = _cut(len(src[0]), [0.9, 0.1], g)  # MNIST train -> 90% train / 10% val
+    tr, va = _cut(len(src[0]), [0.9, 0.1], g)
     s = {"train": (src[0][tr], src[1][tr]), "val": (src[0][va], src[1][va]), "test": (src[2], src[3])}
     if protocol == "pooled":  # the report: train and test concatenated, then split at random
         x, y = torch.cat([tgt[0], tgt[2]]), torch.cat([tgt[1], tgt[3]])
@@ -497,27 +590,36 @@ def make_splits(name: str, src: Raw, tgt: Raw, protocol: str, tgt_split: list[fl
         for k, (x, _) in sp.items():
             if len(x) == 0:
                 raise UserError(f"the {dom} {k} split is empty; use more data or other --tgt-split fractions")
-    if norm == "shared":
-        return Data(name, protocol, s, t, MNISTM_NORM, MNISTM_NORM)
-    if name == "demo":  # each domain standardised by its own statistics
-        return Data(name, protocol, s, t, own_norm(s["train"][0]), own_norm(t["train"][0]))
-    return Data(name, protocol, s, t, MNIST_NORM, MNISTM_NORM)  # the report's per-domain transforms
+
+    def norm_of(name: str, sp: dict[str, Split]) -> tuple[float, float]:
+        if norm == "per-domain":
+            return own_norm(sp["train"][0])
+        return REPORT_NORM.get(name, (0.5, 0.5)) if norm == "report" else (0.5, 0.5)
+    return Data(Domain(names[0], s, norm_of(names[0], s)), Domain(names[1], t, norm_of(names[1], t)), protocol, demo)
 
 
 def load_data(args: argparse.Namespace, seed: int, device: torch.device, log: Callable[[str], None]) -> Data:
     if args.demo:
         src, tgt = load_demo()
+        names = ("digits", "photos")
     else:
-        tgt = load_mnistm(args.mnistm_root, args.cache_dir or args.data_dir / "cache", args.skip_bad_images, log)
-        src = load_mnist(args.data_dir, args.offline)
-    data = make_splits("demo" if args.demo else "mnistm", src, tgt, args.protocol, args.tgt_split, args.norm, seed)
-    sizes = " ".join(f"{d}_{k}={len(v[0])}" for d, sp in (("src", data.src), ("tgt", data.tgt)) for k, v in sp.items())
-    log(f"data: protocol={data.protocol} {sizes}")
+        def load(name: str) -> Raw:
+            if name == "mnistm":
+                return load_mnistm(args.mnistm_root, args.cache_dir or args.data_dir / "cache", args.skip_bad_images,
+                                   log)
+            return load_torchvision(name, args.data_dir, args.offline)
+        names = (args.source, args.target)
+        tgt, src = load(args.target), load(args.source)
+    data = make_splits(names, src, tgt, args.protocol, args.tgt_split, args.norm, seed, args.demo)
+    sizes = " ".join(f"{d}_{k}={len(v[0])}" for d, dom in data.domains() for k, v in dom.splits.items())
+    log(f"data: protocol={data.protocol} pair={data.pair} {sizes} "
+        f"norm={data.src.norm[0]},{data.src.norm[1]}/{data.tgt.norm[0]},{data.tgt.norm[1]}")
     return data.to(device)
 
 
 def resize32(x: torch.Tensor) -> torch.Tensor:
-    """uint8 NxCxHxW -> uint8 NxCx32x32 with PIL's bilinear arithmetic (antialiased, rounded back to uint8)."""
+    """uint8 NxCxHxW -> uint8 NxCx32x32 with PIL's bilinear arithmetic (antialiased, rounded back to uint8): MNIST's
+    28x28 and USPS's 16x16 alike. Grey stays one channel here; normalize() replicates it to three."""
     if x.shape[-2:] == (32, 32):
         return x
     out = [F.interpolate(c.float(), size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
@@ -552,7 +654,8 @@ class ReportDataset(torch.utils.data.Dataset):
 
 class Batches:
     """Shuffled, normalised (x, y) training batches of one domain: from uint8 resident on the device, or from
-    the report-style DataLoader (`--data-path loader`)."""
+    the report-style DataLoader (`--data-path loader`). An epoch asks for as many batches as the larger domain
+    gives; the smaller domain then starts over, freshly shuffled, as often as it needs to."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, norm: tuple[float, float], args: argparse.Namespace,
                  ctx: "Ctx") -> None:
@@ -565,14 +668,20 @@ class Batches:
                 num_workers=args.num_workers,
                 pin_memory=ctx.device.type == "cuda", persistent_workers=args.num_workers > 0)
 
-    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dev, fmt = self.ctx.device, torch.channels_last if self.ctx.channels_last else torch.contiguous_format
         if self.loader is not None:
-            for x, y in self.loader:
-                yield x.to(dev, non_blocking=True).contiguous(memory_format=fmt), y.to(dev, non_blocking=True)
+            done = 0
+            while done < steps:
+                for x, y in self.loader:
+                    yield x.to(dev, non_blocking=True).contiguous(memory_format=fmt), y.to(dev, non_blocking=True)
+                    done += 1
+                    if done == steps:
+                        break
             return
-        perm = torch.randperm(self.n, device=dev)  # shuffled on the device: no host round trip
-        for i in range(self.n // self.bs):
+        passes = -(-steps * self.bs // self.n)  # ceil
+        perm = torch.cat([torch.randperm(self.n, device=dev) for _ in range(passes)])  # no host round trip
+        for i in range(steps):
             idx = perm[i * self.bs:(i + 1) * self.bs]
             yield normalize(self.x[idx], self.norm, self.ctx.channels_last), self.y[idx]
 
@@ -591,11 +700,6 @@ class GradReverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad * -ctx.lambd, None
-
-
-class GRL(nn.Module):
-    def forward(self, x: torch.Tensor, lambd: float | torch.Tensor) -> torch.Tensor:
-        return GradReverse.apply(x, lambd)
 
 
 class SampleDropout(nn.Module):
@@ -628,22 +732,29 @@ class FeatureExtractor(nn.Sequential):
                          nn.Flatten())  # 3x32x32 -> 50x5x5 = 1250
 
 
-class LabelClassifier(nn.Sequential):
+class LabelClassifier(nn.Module):
+    """The report's label head, as `body` (1250 -> the 100-d features that t-SNE, PAD, MMD and CORAL read) and `out`
+    (100 -> 10 log-probabilities)."""
+
     def __init__(self, dropout: str = "sample") -> None:
+        super().__init__()
         drop = {"sample": SampleDropout(0.5), "element": nn.Dropout(0.5), "none": nn.Identity()}[dropout]
-        super().__init__(nn.Linear(1250, 100), nn.BatchNorm1d(100), nn.ReLU(), drop,
-                         nn.Linear(100, 100), nn.BatchNorm1d(100), nn.ReLU(), nn.Linear(100, 10), nn.LogSoftmax(1))
+        self.body = nn.Sequential(nn.Linear(1250, 100), nn.BatchNorm1d(100), nn.ReLU(), drop,
+                                  nn.Linear(100, 100), nn.BatchNorm1d(100), nn.ReLU())
+        self.out = nn.Sequential(nn.Linear(100, 10), nn.LogSoftmax(1))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(f))
 
 
 class DomainClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.grl = GRL()
         self.net = nn.Sequential(nn.Linear(1250, 100), nn.BatchNorm1d(100), nn.ReLU(), nn.Linear(100, 2),
                                  nn.LogSoftmax(1))
 
     def forward(self, f: torch.Tensor, lambd: float | torch.Tensor) -> torch.Tensor:
-        return self.net(self.grl(f, lambd))
+        return self.net(GradReverse.apply(f, lambd))
 
 
 class DANN(nn.Module):
@@ -657,23 +768,11 @@ class DANN(nn.Module):
 
     def forward_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class log-probs, the 100-d label-head features they come from); the domain head is not run."""
-        layers = list(self.label)
-        h = self.feat(x)
-        for layer in layers[:7]:  # everything up to the last Linear
-            h = layer(h)
-        out = h
-        for layer in layers[7:]:
-            out = layer(out)
-        return out, h
+        h = self.label.body(self.feat(x))
+        return self.label.out(h), h
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_top(x)[0]
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feat(x)
-
-    def get_top_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_top(x)[1]
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -918,6 +1017,8 @@ class Phase:
     warmup: int = 0
     ema: float = 0.0  # > 0: keep an EMA of the weights; it is evaluated, selected and saved
     dropout: bool = True
+    method: str | None = None  # the adaptation method this phase trains or refines
+    checkpoint: str = ""  # file stem of the phase's best weights
 
 
 class EarlyStopping:
@@ -997,9 +1098,8 @@ def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, 
     return stats
 
 
-def domain_bn(model: DANN, data: "Data", ctx: Ctx, n: int = BN_STATS_IMAGES) -> dict[str, BNStats]:
-    return {d: bn_stats(model, sp["train"][0], norm, ctx, n) for d, sp, norm in
-            (("src", data.src, data.src_norm), ("tgt", data.tgt, data.tgt_norm))}
+def domain_bn(model: DANN, data: Data, ctx: Ctx, n: int = BN_STATS_IMAGES) -> dict[str, BNStats]:
+    return {d: bn_stats(model, dom.splits["train"][0], dom.norm, ctx, n) for d, dom in data.domains()}
 
 
 @torch.no_grad()
@@ -1014,38 +1114,38 @@ def predict(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, t
         for c in x.split(bs):
             with ctx.autocast():
                 xb = normalize(resize32(c.to(ctx.device)), norm, ctx.channels_last)
-                outs.append(model.get_top_features(xb).float() if top else torch.cat([o.float() for o in model(xb)], 1))
+                outs.append(model.forward_top(xb)[1].float() if top else torch.cat([o.float() for o in model(xb)], 1))
     model.train(was)
     out = torch.cat(outs)
     return out if top else (out[:, :10], out[:, 10:])
 
 
-def val_metrics(model: DANN, data: "Data", ctx: Ctx, args: argparse.Namespace, phase: Phase,
+def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, phase: Phase,
                 student: DANN | None = None) -> tuple[dict[str, torch.Tensor], dict[str, BNStats] | None]:
     """Per-epoch validation numbers as device tensors (read back together, once). Target labels appear only in
     tgt_val_acc*, logged for monitoring and never used to select or stop, and in the oracle's tgt_val_loss."""
     own = domain_bn(model, data, ctx, BN_STATS_EPOCH) if args.eval_bn == "domain" else None
     bn = own or {"src": None, "tgt": None}
-    (x, y), (xt, yt) = data.src["val"], data.tgt["val"]
-    lp, dp = predict(model, x, data.src_norm, ctx, bn=bn["src"])
-    lpt, dpt = predict(model, xt, data.tgt_norm, ctx, bn=bn["tgt"])
+    (x, y), (xt, yt) = data.src.splits["val"], data.tgt.splits["val"]
+    lp, dp = predict(model, x, data.src.norm, ctx, bn=bn["src"])
+    lpt, dpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])
     pm = lpt.exp().mean(0)
     marginal = -(pm * pm.clamp_min(1e-12).log()).sum()  # entropy of the predicted-class histogram
     ent = entropy(lpt)  # low = confident on the target
     m = {"src_val_loss": F.nll_loss(lp, y), "src_val_acc": accuracy(lp, y), "tgt_val_acc": accuracy(lpt, yt),
          "tgt_entropy": ent, "tgt_im": marginal - ent, "tgt_class_entropy": marginal}
     if args.eval_bn == "domain":  # the report's blended running statistics, beside, so the effect is visible
-        lpt_b, dpt_b = predict(model, xt, data.tgt_norm, ctx)
+        lpt_b, dpt_b = predict(model, xt, data.tgt.norm, ctx)
         m["tgt_val_acc_blended"] = accuracy(lpt_b, yt)
         if phase.objective is dann_objective:
-            dp = predict(model, x, data.src_norm, ctx)[1]
+            dp = predict(model, x, data.src.norm, ctx)[1]
             dpt = dpt_b
     if phase.objective is dann_objective:  # the domain head as trained: blended statistics
         m["dom_acc"] = torch.cat([dp.argmax(1) == 0, dpt.argmax(1) == 1]).float().mean()
     if phase.labelled == "tgt":
         m["tgt_val_loss"] = F.nll_loss(lpt, yt)
     if student is not None:  # refinement: does the student still agree with the weights we keep?
-        m["agreement"] = accuracy(predict(student, xt, data.tgt_norm, ctx, bn=bn["tgt"])[0], lpt.argmax(1))
+        m["agreement"] = accuracy(predict(student, xt, data.tgt.norm, ctx, bn=bn["tgt"])[0], lpt.argmax(1))
     return m, own
 
 
@@ -1082,7 +1182,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-CKPT_FORMAT = "dann.py/1"
+CKPT_FORMAT = "dann.py/2"  # 2: the label head split into body and out
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -1096,6 +1196,9 @@ def load_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("dann.py/") and ck["format"] != CKPT_FORMAT:
+        raise UserError(f"{path} was written by an older DANN.py ({ck['format']}, this one reads {CKPT_FORMAT}); "
+                        "train it again with this version")
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is not a DANN.py checkpoint")
     return ck
@@ -1118,124 +1221,126 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(p)
 
 
-def fit(phase: Phase, model: DANN, data: "Data", args: argparse.Namespace, ctx: Ctx, ckpt_dir: Path,
-        resume: dict | None, extra: dict, on_epoch: Callable[..., dict] | None = None
+def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx, resume: dict | None,
+        extra: dict, point: dict, on_epoch: Callable[..., dict] | None = None
         ) -> tuple[list[dict], EarlyStopping, DANN]:
     """Train one phase; returns its per-epoch rows, the stopper, and the model to keep (the EMA where there is one).
-    Target batches reach the objective as images only: their labels are dropped here."""
-    net = torch.compile(model, mode=args.compile) if args.compile != "off" and ctx.device.type == "cuda" else model
+    Target batches reach the objective as images only: their labels are dropped here. After every epoch
+    point['snap'] holds everything a resumed run needs (the caller saves it on Ctrl-C or a NaN)."""
+    net = torch.compile(model, mode=args.compile) if args.compile != "off" else model
     opt = make_optimizer(model, args, phase.lr, ctx.device)
-    lab = None
+    sides: list[Batches | None] = [None, None]  # [labelled, unlabelled target]
     if phase.labelled:
-        x, y = (data.src if phase.labelled == "src" else data.tgt)["train"]
-        lab = Batches(x, y, data.src_norm if phase.labelled == "src" else data.tgt_norm, args, ctx)
-    unl = Batches(*data.tgt["train"], data.tgt_norm, args, ctx) if phase.unlabelled else None
-    steps = min(b.n for b in (lab, unl) if b is not None) // args.batch_size
+        dom = data.src if phase.labelled == "src" else data.tgt
+        sides[0] = Batches(*dom.splits["train"], dom.norm, args, ctx)
+    if phase.unlabelled:
+        sides[1] = Batches(*data.tgt.splits["train"], data.tgt.norm, args, ctx)
+    steps = max(b.n for b in sides if b is not None) // args.batch_size  # one pass over the larger domain
     max_steps = phase.epochs * steps
     # The whole weight schedule lives on the device, so a step reads it without a host->device copy.
     lambdas = (lambda_schedule(torch.arange(max_steps, device=ctx.device) / max_steps, args.gamma) if phase.ramp
                else None)
-    stopper = EarlyStopping(args.patience if phase.select != "last" else 10**9, args.min_delta, phase.warmup)
+    stopper = EarlyStopping(args.patience, args.min_delta, phase.warmup)
     ema = copy.deepcopy(model).requires_grad_(False) if phase.ema else None
     keep = ema if ema is not None else model
     history: list[dict] = []
-    start = 0
+    start, finished = 0, False
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         stopper.load_state_dict(resume["early_stopping"])
         if ema is not None:
             ema.load_state_dict(resume["ema"])
-        history, start = resume["history"], resume["epoch"]
+        history, start, finished = resume["history"], resume["epoch"], resume.get("finished", False)
         set_rng_state(resume["rng"], ctx.device)
 
-    def snapshot(epoch: int) -> dict:
-        return dict(phase=phase.name, epoch=epoch, model=copy.deepcopy(model.state_dict()),
-                    optimizer=copy.deepcopy(opt.state_dict()), early_stopping=dict(stopper.state_dict()),
-                    history=[dict(h) for h in history], rng=rng_state(ctx.device),
-                    **({"ema": copy.deepcopy(ema.state_dict())} if ema is not None else {}), **extra)
+    def snapshot(epoch: int, done: bool = False) -> dict:
+        return dict(phase=phase.name, epoch=epoch, finished=done, model=copy.deepcopy(model.state_dict()),
+                    optimizer=copy.deepcopy(opt.state_dict()), early_stopping=copy.deepcopy(stopper.state_dict()),
+                    history=copy.deepcopy(history), rng=rng_state(ctx.device),
+                    **({"ema": copy.deepcopy(ema.state_dict())} if ema is not None else {}), **copy.deepcopy(extra))
 
     def batches() -> Iterator[Batch]:
-        none = iter(lambda: None, 0)  # endless Nones for a side the phase does not use
-        for s, t in zip(lab.epoch() if lab else none, unl.epoch() if unl else none):
-            yield Batch(s[0] if s else None, s[1] if s else None, t[0] if t else None, 0.0)
+        labelled = sides[0].epoch(steps) if sides[0] else None
+        unlabelled = sides[1].epoch(steps) if sides[1] else None
+        for _ in range(steps):
+            xs, ys = next(labelled) if labelled else (None, None)
+            xt = next(unlabelled)[0] if unlabelled else None  # the target labels stop here
+            yield Batch(xs, ys, xt, 0.0)
 
-    last = snapshot(start)
+    point["snap"] = snapshot(start, finished)
     names: list[str] = []
-    try:
-        for epoch in range(start + 1, phase.epochs + 1):
-            t0 = time.time()
-            if hasattr(phase.objective, "epoch_start"):
-                phase.objective.epoch_start(model)
-            set_train(model, phase.dropout)
-            sums = None  # running sums stay on the device: no .item() in the loop, so the CPU queues kernels freely
-            bar = tqdm(batches(), total=steps, desc=f"{phase.name} epoch {epoch}", leave=False,
-                       disable=not sys.stderr.isatty())
-            for i, b in enumerate(bar):
-                gstep = (epoch - 1) * steps + i
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(phase, gstep / max_steps)
-                b.lam = lambdas[gstep] if lambdas is not None else 1.0
-                with ctx.autocast():
-                    losses = phase.objective(net, b, args)
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                opt.step()
-                if ema is not None:
-                    ema_update(ema, model, phase.ema)
-                names = [k for k in losses if k != "loss"]
-                vals = torch.stack([losses[k].detach().float() for k in names])
-                bad = ~torch.isfinite(losses["loss"].detach())
-                if sums is None:
-                    sums = torch.zeros(len(names) + 1, device=ctx.device)  # + the first bad step (+1)
-                sums += torch.cat([vals, torch.where(bad & (sums[-1] == 0), float(i + 1), 0.0).view(1)])
-            m, bn = val_metrics(keep, data, ctx, args, phase, student=model if ema is not None else None)
-            # The one host sync of the epoch: all numbers come back together.
-            vals = torch.cat([sums, torch.stack([v.float() for v in m.values()])]).tolist()
-            if vals[len(names)] > 0:
-                raise FloatingPointError(f"epoch {epoch}, step {int(vals[len(names)])}")
-            p_end = (epoch * steps - 1) / max_steps  # schedule position of the epoch's last step
-            row = {"phase": phase.name, "epoch": epoch, "lambda": lambda_schedule(p_end, args.gamma) if phase.ramp else
-                   (1.0 if phase.unlabelled else 0.0), "lr": lr_at(phase, p_end)}
-            row.update({k: v / steps for k, v in zip(names, vals)})
-            row.update(zip(m, vals[len(names) + 1:]))
+    for epoch in range(start + 1, phase.epochs + 1):
+        if finished:
+            break
+        t0 = time.time()
+        if hasattr(phase.objective, "epoch_start"):
+            phase.objective.epoch_start(model)
+        set_train(model, phase.dropout)
+        sums = None  # running sums stay on the device: no .item() in the loop, so the CPU queues kernels freely
+        first_bad = torch.zeros((), device=ctx.device)  # 1 + the first step whose loss is not finite; 0 = none
+        bar = tqdm(batches(), total=steps, desc=f"{phase.name} epoch {epoch}", leave=False,
+                   disable=not sys.stderr.isatty())
+        for i, b in enumerate(bar):
+            gstep = (epoch - 1) * steps + i
+            for g in opt.param_groups:
+                g["lr"] = lr_at(phase, gstep / max_steps)
+            b.lam = lambdas[gstep] if lambdas is not None else 1.0
+            with ctx.autocast():
+                losses = phase.objective(net, b, args)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            if ema is not None:
+                ema_update(ema, model, phase.ema)
+            names = [k for k in losses if k != "loss"]
+            vals = torch.stack([losses[k].detach().float() for k in names])
+            sums = vals if sums is None else sums + vals
+            bad = ~torch.isfinite(losses["loss"].detach())
+            first_bad = torch.where(bad & (first_bad == 0), float(i + 1), first_bad)
+        m, bn = val_metrics(keep, data, ctx, args, phase, student=model if ema is not None else None)
+        # The one host sync of the epoch: all numbers come back together.
+        vals = torch.cat([sums, first_bad.view(1), torch.stack([v.float() for v in m.values()])]).tolist()
+        if vals[len(names)] > 0:
+            raise FloatingPointError(f"epoch {epoch}, step {int(vals[len(names)])}")
+        p_end = (epoch * steps - 1) / max_steps  # schedule position of the epoch's last step
+        row = {"phase": phase.name, "epoch": epoch, "lambda": lambda_schedule(p_end, args.gamma) if phase.ramp else
+               (1.0 if phase.unlabelled else 0.0), "lr": lr_at(phase, p_end)}
+        row.update({k: v / steps for k, v in zip(names, vals)})
+        row.update(zip(m, vals[len(names) + 1:]))
+        if on_epoch is not None:  # the caller's per-epoch extras (proxy A-distance, t-SNE features)
+            row.update(on_epoch(epoch, keep, bn))
+        row["time_s"] = time.time() - t0
+        history.append(row)
+        ctx.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if phase.ema and row["tgt_class_entropy"] < 0.9 * math.log(10):
+            ctx.log(f"warning: {phase.name} epoch {epoch}: the predicted-class histogram is collapsing "
+                    f"(tgt_class_entropy={row['tgt_class_entropy']:.3f}, uniform = {math.log(10):.3f})")
+        stop = False
+        if phase.select != "last":  # 'last' compares nothing and never stops: the final epoch is the choice
             crit = {"src-val-loss": row["src_val_loss"], "tgt-entropy": row["tgt_entropy"], "im": -row["tgt_im"],
-                    "tgt-val-loss": row.get("tgt_val_loss", math.inf), "last": -epoch}[phase.select]
-            if on_epoch is not None:  # the caller's per-epoch extras (proxy A-distance, t-SNE features)
-                row.update(on_epoch(epoch, keep, bn))
-            row["time_s"] = time.time() - t0
-            history.append(row)
-            ctx.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if phase.ema and row["tgt_class_entropy"] < 0.9 * math.log(10):
-                ctx.log(f"warning: {phase.name} epoch {epoch}: the predicted-class histogram is collapsing "
-                        f"(tgt_class_entropy={row['tgt_class_entropy']:.3f}, uniform = {math.log(10):.3f})")
+                    "tgt-val-loss": row.get("tgt_val_loss", math.inf)}[phase.select]
             stop = stopper.step(epoch, crit if math.isfinite(crit) else math.inf, keep)
-            last = snapshot(epoch)
-            if stop:
-                ctx.log(f"{phase.name}: early stop at epoch {epoch}, best epoch {stopper.best_epoch} ({phase.select})")
-                break
-    except (FloatingPointError, KeyboardInterrupt) as e:  # keep the last completed epoch, then explain
-        save_checkpoint(ckpt_dir / "last.pth", {**last, "config": vars_json(args)})
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(str(ckpt_dir / "last.pth"), extra.get("seed")) from None
-        raise UserError(f"loss became NaN or inf at {e}; stopped. The last good state (epoch {last['epoch']}) is "
-                        f"in {ckpt_dir / 'last.pth'}; try a lower --lr") from None
-    if not stopper.restore(keep):  # the run ended inside the warm-up: nothing recorded, keep the final weights
+        point["snap"] = snapshot(epoch, stop or epoch == phase.epochs)
+        if stop:
+            ctx.log(f"{phase.name}: early stop at epoch {epoch}, best epoch {stopper.best_epoch} ({phase.select})")
+            break
+    if not stopper.restore(keep):  # 'last', or the run ended inside the warm-up: keep the final weights
         stopper.best_epoch = history[-1]["epoch"] if history else 0
     return history, stopper, keep
 
 
-def test_metrics(model: DANN, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | None
+def test_metrics(model: DANN, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None
                  ) -> tuple[dict[str, float], torch.Tensor]:
     """Test accuracies, with each domain's own BatchNorm statistics where `bn` is given and with the running
     ('blended') ones. Here target labels are read, to *report* only."""
     out, preds = {}, None
-    for dom, sp, norm in (("src", data.src, data.src_norm), ("tgt", data.tgt, data.tgt_norm)):
-        x, y = sp["test"]
-        for suffix, stats in (("", bn and bn[dom]), ("_blended", None)) if bn else (("", None),):
-            pred = predict(model, x, norm, ctx, bn=stats)[0].argmax(1).cpu()
-            out[f"{dom}_test_acc{suffix}"] = (pred == y.cpu()).float().mean().item()
-            if dom == "tgt" and not suffix:
+    for d, dom in data.domains():
+        x, y = dom.splits["test"]
+        for suffix, stats in (("", bn and bn[d]), ("_blended", None)) if bn else (("", None),):
+            pred = predict(model, x, dom.norm, ctx, bn=stats)[0].argmax(1).cpu()
+            out[f"{d}_test_acc{suffix}"] = (pred == y.cpu()).float().mean().item()
+            if d == "tgt" and not suffix:
                 preds = pred
     return out, preds
 
@@ -1270,24 +1375,42 @@ def proxy_a_distance(fs: np.ndarray, ft: np.ndarray, seed: int = 0) -> float:
         return 2 * (1 - 2 * error(train, test, best_c))
 
 
-def top_features(model: DANN, xs: torch.Tensor, xt: torch.Tensor, data: "Data", ctx: Ctx,
-                 bn: dict[str, BNStats] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """100-d label-head features of source images xs and target images xt (on the host), each domain normalised
-    and evaluated with its own statistics where `bn` is given."""
-    return (predict(model, xs, data.src_norm, ctx, top=True, bn=bn and bn["src"]).cpu(),
-            predict(model, xt, data.tgt_norm, ctx, top=True, bn=bn and bn["tgt"]).cpu())
+@dataclass
+class TestSample:
+    """A fixed, seeded random subset of each domain's test images (never the first n: a test set stored class by
+    class would make that mostly one digit). The proxy A-distance and every t-SNE panel read such a sample; its
+    labels only colour the t-SNE plots."""
+    x: list[torch.Tensor]  # per domain, uint8
+    y: np.ndarray
+    dom: np.ndarray
+
+    @staticmethod
+    def pick(data: Data, per_domain: int, seed: int) -> "TestSample":
+        g = torch.Generator().manual_seed(seed)
+        xs, ys, doms = [], [], []
+        for d, (_, dom) in enumerate(data.domains()):
+            x, y = dom.splits["test"]
+            idx = torch.randperm(len(x), generator=g)[:per_domain]
+            xs.append(x[idx.to(x.device)])
+            ys.append(y[idx.to(y.device)].cpu())
+            doms.append(torch.full((len(idx),), d))
+        return TestSample(xs, torch.cat(ys).numpy(), torch.cat(doms).numpy())
+
+    def features(self, model: DANN, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None) -> list[torch.Tensor]:
+        """100-d label-head features per domain (on the host), each with the statistics it is evaluated with."""
+        return [predict(model, x, dom.norm, ctx, top=True, bn=bn and bn[d]).cpu()
+                for x, (d, dom) in zip(self.x, data.domains())]
+
+    def pad(self, model: DANN | None, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None) -> float:
+        """PAD of the label-head features, or of the normalised raw pixels when model is None (labels unread)."""
+        if model is None:
+            fs, ft = (normalize(resize32(x), dom.norm).flatten(1).cpu() for x, (_, dom) in zip(self.x, data.domains()))
+        else:
+            fs, ft = self.features(model, data, ctx, bn)
+        return proxy_a_distance(fs.numpy(), ft.numpy())
 
 
-def pad_of(model: DANN | None, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | None, n: int = 1000) -> float:
-    """PAD of the 100-d label-head features on up to n test images per domain (labels unread), or of the normalised
-    raw pixels when model is None."""
-    xs, xt = data.src["test"][0][:n], data.tgt["test"][0][:n]
-    if model is None:
-        fs, ft = (normalize(resize32(x), nm).flatten(1).cpu().numpy() for x, nm in
-                  ((xs, data.src_norm), (xt, data.tgt_norm)))
-    else:
-        fs, ft = (f.numpy() for f in top_features(model, xs, xt, data, ctx, bn))
-    return proxy_a_distance(fs, ft)
+PAD_IMAGES = 1000  # per domain: 0.4-0.6 s per PAD on the 2-core CPU with real data
 
 
 def _plt() -> Any:
@@ -1302,80 +1425,42 @@ def _save_fig(fig: Any, path: Path) -> None:
     _plt().close(fig)
 
 
-@dataclass
-class TsnePoints:
-    """The fixed test images every t-SNE panel embeds (half per domain), so panels are comparable."""
-    x: list[torch.Tensor]  # per domain, uint8
-    y: np.ndarray
-    dom: np.ndarray
-
-    @staticmethod
-    def pick(data: "Data", n: int, seed: int) -> "TsnePoints":
-        g = torch.Generator().manual_seed(seed)
-        xs, ys, doms = [], [], []
-        for d, sp in enumerate((data.src, data.tgt)):
-            x, y = sp["test"]
-            idx = torch.randperm(len(x), generator=g)[: n // 2]
-            xs.append(x[idx.to(x.device)])
-            ys.append(y[idx.to(y.device)].cpu())
-            doms.append(torch.full((len(idx),), d))
-        return TsnePoints(xs, torch.cat(ys).numpy(), torch.cat(doms).numpy())
-
-    def features(self, model: DANN, data: "Data", ctx: Ctx, bn: dict[str, BNStats] | None) -> torch.Tensor:
-        """100-d label-head features, each domain with the statistics it is evaluated with."""
-        return torch.cat(top_features(model, self.x[0], self.x[1], data, ctx, bn))
-
-
-def embed(feats: torch.Tensor, seed: int) -> np.ndarray:
+def embed(feats: list[torch.Tensor], seed: int) -> np.ndarray:
     from sklearn.manifold import TSNE
-    f = feats.numpy()
+    f = torch.cat(feats).numpy()
     return TSNE(2, init="pca", perplexity=min(30.0, (len(f) - 1) / 3), random_state=seed).fit_transform(f)
 
 
-def _by_digit(ax: Any, emb: np.ndarray, pts: TsnePoints) -> None:
-    cmap = _plt().get_cmap("tab10")
-    for d, marker in ((0, "o"), (1, "x")):
-        sel = pts.dom == d
-        ax.scatter(*emb[sel].T, s=8, c=[cmap(c) for c in pts.y[sel]], marker=marker, alpha=0.7, linewidths=0.8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _digit_legend(ax: Any) -> None:
+def plot_tsne(panels: list[tuple[str, np.ndarray]], pts: TestSample, path: Path,
+              domains: tuple[str, str] | None = None) -> None:
+    """One panel per embedding of the same points, coloured by digit with a marker per domain (is the gap closed per
+    class?). With `domains` (the two names), a first panel colours the first embedding by domain (is it closed?)."""
     plt, cmap = _plt(), _plt().get_cmap("tab10")
+    n = len(panels) + (domains is not None)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 5.5) if domains else (3.6 * n, 3.8), squeeze=False)
+    axes = list(axes[0])
+    if domains is not None:
+        ax = axes.pop(0)
+        for d, colour in enumerate(("tab:blue", "tab:red")):
+            ax.scatter(*panels[0][1][pts.dom == d].T, s=6, c=colour, alpha=0.6,
+                       label=f"{('source', 'target')[d]} ({domains[d]})")
+        ax.legend(markerscale=3)
+        ax.set_title(f"{panels[0][0]}: by domain")
+    for ax, (title, emb) in zip(axes, panels):
+        for d, marker in ((0, "o"), (1, "x")):
+            sel = pts.dom == d
+            ax.scatter(*emb[sel].T, s=8, c=[cmap(c) for c in pts.y[sel]], marker=marker, alpha=0.7, linewidths=0.8)
+        ax.set_title(f"{title}: by digit (o source, x target)" if domains else title, fontsize=9)
+    for ax in fig.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
     handles = [plt.Line2D([], [], ls="", marker="s", color=cmap(c), label=str(c)) for c in range(10)]
     handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab)
                 for m, lab in (("o", "source"), ("x", "target"))]
-    ax.legend(handles=handles, fontsize=7, ncol=2, loc="best")
-
-
-def plot_tsne(emb: np.ndarray, pts: TsnePoints, demo: bool, path: Path, title: str) -> None:
-    """Two panels from the same embedding: by domain (is the gap closed?) and by digit (is it closed per class?)."""
-    plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(12, 5.5))
-    for d, name, colour in ((0, "source (digits)" if demo else "source (MNIST)", "tab:blue"),
-                            (1, "target (digits on photos)" if demo else "target (MNIST-M)", "tab:red")):
-        ax[0].scatter(*emb[pts.dom == d].T, s=6, c=colour, label=name, alpha=0.6)
-    ax[0].legend(markerscale=3)
-    ax[0].set_title(f"{title}: by domain")
-    ax[0].set_xticks([])
-    ax[0].set_yticks([])
-    _by_digit(ax[1], emb, pts)
-    _digit_legend(ax[1])
-    ax[1].set_title(f"{title}: by digit (o source, x target)")
-    _save_fig(fig, path)
-
-
-def plot_evolution(panels: list[tuple[str, np.ndarray]], pts: TsnePoints, path: Path) -> None:
-    """One panel per stage, the same points in each: coloured by digit, a marker per domain."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
-    for ax, (title, emb) in zip(axes[0], panels):
-        _by_digit(ax, emb, pts)
-        ax.set_title(title, fontsize=9)
-    _digit_legend(axes[0][-1])
-    fig.suptitle("feature space over training (t-SNE of the 100-d label-head features; o source, x target)",
-                 fontsize=10)
+    axes[-1].legend(handles=handles, fontsize=7, ncol=2, loc="best")
+    if domains is None:
+        fig.suptitle("feature space over training (t-SNE of the 100-d label-head features; o source, x target)",
+                     fontsize=10)
     _save_fig(fig, path)
 
 
@@ -1448,58 +1533,39 @@ def environment(device: torch.device, amp: bool) -> dict:
 
 
 # What must match between an interrupted run and its resumption (paths, device and plots may change).
-RESUME_KEYS = ("demo", "protocol", "tgt_split", "recipe", "method", "epochs", "batch_size", "lr", "optimizer",
-               "weight_decay", "lr_schedule", "gamma", "dom_weight", "bn", "cls_dropout", "norm", "eval_bn", "select",
-               "vada", "patience", "min_delta", "warmup_epochs", "refine", "refine_epochs", "refine_lr", "vat_eps",
-               "ema_decay", "pseudo_threshold", "oracle", "no_baseline")
+RESUME_KEYS = ("demo", "source", "target", "protocol", "tgt_split", "recipe", "method", "epochs", "batch_size", "lr",
+               "optimizer", "weight_decay", "lr_schedule", "gamma", "dom_weight", "bn", "cls_dropout", "norm",
+               "eval_bn", "select", "vada", "patience", "min_delta", "warmup_epochs", "refine", "refine_epochs",
+               "refine_lr", "vat_eps", "ema_decay", "pseudo_threshold", "oracle", "no_baseline", "seeds")
 ORACLE_NAME = "train-on-target (uses target labels)"
 
 
-def refine_key(method: str) -> str:
-    return "refine" if method == "dann" else f"{method}_refine"
-
-
-def method_of(phase: str) -> str | None:
-    """The adaptation method a phase belongs to: 'refine' -> dann, 'mmd_refine' -> mmd; None for the others."""
-    if phase == "refine":
-        return "dann"
-    return phase.split("_")[0] if phase.split("_")[0] in METHODS else None
-
-
-def checkpoint_name(phase: str) -> str:
-    m = method_of(phase)
-    if m is None:
-        return "best_oracle" if phase == "oracle" else "best_source_only"
-    if phase == "refine":
-        return "best_refined"
-    return f"best_{m}_refined" if phase.endswith("refine") else f"best_{m}_final"
-
-
 def plan(args: argparse.Namespace) -> list[Phase]:
-    """The phases of one seed, in order. Each adaptation method trains from scratch; refinement continues from the
-    method before it; the oracle comes last and takes part in no choice."""
+    """The phases of one seed, in order, with every phase and checkpoint name. Each adaptation method trains from
+    scratch; refinement continues from the method before it; the oracle comes last and takes part in no choice."""
     base = dict(lr_schedule=args.lr_schedule)
-    phases = [] if args.no_baseline else [Phase("source_only", source_objective, args.epochs, args.lr, **base)]
+    phases = [] if args.no_baseline else [
+        Phase("source_only", source_objective, args.epochs, args.lr, checkpoint="best_source_only", **base)]
     for m in args.method:
         phases.append(Phase(m, OBJECTIVES[m], args.epochs, args.lr, unlabelled=True, ramp=True, select=args.select,
-                            warmup=args.warmup_epochs, **base))
-        if args.refine != "none":
-            phases.append(Phase(refine_key(m), Refiner(args.refine), args.refine_epochs, args.refine_lr, labelled="",
-                                unlabelled=True, select="last", ema=args.ema_decay, dropout=False))
+                            warmup=args.warmup_epochs, method=m, checkpoint=f"best_{m}_final", **base))
+        if args.refine != "none":  # DANN's refinement is plain 'refine', the report's only method
+            phases.append(Phase("refine" if m == "dann" else f"{m}_refine", Refiner(args.refine), args.refine_epochs,
+                                args.refine_lr, labelled="", unlabelled=True, select="last", ema=args.ema_decay,
+                                dropout=False, method=m,
+                                checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
     if args.oracle:
         phases.append(Phase("oracle", source_objective, args.epochs, args.lr, labelled="tgt", select="tgt-val-loss",
-                            **base))
+                            checkpoint="best_oracle", **base))
     return phases
 
 
-def check_resume(args: argparse.Namespace, seed: int) -> dict | None:
+def check_resume(args: argparse.Namespace) -> dict | None:
     if args.resume is None:
         return None
     resume = load_checkpoint(args.resume)
     if "phase" not in resume:
         raise UserError(f"{args.resume} is a final checkpoint; resume from the 'last.pth' an interrupted run wrote")
-    if resume.get("seed", seed) != seed:
-        raise UserError(f"{args.resume} holds seed {resume['seed']}; resume it with --seed {resume['seed']}")
     saved = resume.get("config", {})
     for k in RESUME_KEYS:
         if k in saved and saved[k] != vars_json(args)[k]:
@@ -1508,50 +1574,62 @@ def check_resume(args: argparse.Namespace, seed: int) -> dict | None:
     return resume
 
 
-def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path], tag: str) -> dict:
-    """Every phase of `plan` for one seed; returns this seed's results."""
+def file_prefix(args: argparse.Namespace) -> str:
+    """Runs of several pairs can share one --out-dir: every file but the default pair's names its pair."""
+    if args.demo:
+        return "demo_"
+    return "" if (args.source, args.target) == ("mnist", "mnistm") else f"{args.source}-{args.target}_"
+
+
+def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path], point: dict,
+             resume: dict | None) -> dict:
+    """Every phase of `plan` for one seed; returns this seed's results. point['snap'] always holds the state a
+    resumed run would start from: this seed from scratch, a phase's start, its last epoch, or its end."""
     t_start = time.time()
-    resume = check_resume(args, seed)
+    point["snap"] = {"phase": "", "epoch": 0, "seed": seed, "state": None}
+    resume = resume if resume is not None and resume.get("state") is not None else None
     set_seed(seed)
     data = load_data(args, seed, ctx.device, ctx.log)
     if args.data_path == "auto":  # the train splits as 32x32 uint8 must leave the device half free
-        need = sum(len(x) * x.shape[1] * 32 * 32 for x in (data.src["train"][0], data.tgt["train"][0]))
+        need = sum(len(x) * x.shape[1] * 32 * 32 for x in (data.src.splits["train"][0], data.tgt.splits["train"][0]))
         free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device.type == "cuda" else math.inf
         args.data_path = "device" if need < free / 2 else "loader"
         ctx.log(f"data: path={args.data_path} ({need / 2**20:.0f} MiB of training images)")
-    for dom, sp in (("source", data.src), ("target", data.tgt)):
-        if args.batch_size > len(sp["train"][0]):
+    for dom, d in (("source", data.src), ("target", data.tgt)):
+        if args.batch_size > len(d.splits["train"][0]):
             raise UsageError(f"--batch-size {args.batch_size} is larger than the {dom} train split "
-                             f"({len(sp['train'][0])} images)")
-    ck, fig = out["checkpoints"], out["figures"]
-    prefix = ("demo_" if data.name == "demo" else "") + (f"seed{seed}_" if tag else "")
+                             f"({len(d.splits['train'][0])} images)")
+    prefix = file_prefix(args) + (f"seed{seed}_" if len(args.seeds) > 1 else "")
     plots = not args.no_plots
-    pts = TsnePoints.pick(data, args.tsne_points, seed)
+    pts, pad_pts = TestSample.pick(data, args.tsne_points // 2, seed), TestSample.pick(data, PAD_IMAGES, seed + 1)
     # Everything a resumed run needs from the phases before the interrupted one travels in `state`.
     state: dict[str, Any] = resume["state"] if resume is not None else {
-        "res": {"protocol": data.protocol, "seed": seed, "data": data.name, "splits": {
-            f"{d}_{k}": len(v[0]) for d, sp in (("src", data.src), ("tgt", data.tgt)) for k, v in sp.items()}},
+        "res": {"pair": data.pair, "source": data.src.title, "target": data.tgt.title, "protocol": data.protocol,
+                "seed": seed, "data": "demo" if data.demo else data.pair, "splits": {
+                    f"{d}_{k}": len(v[0]) for d, dom in data.domains() for k, v in dom.splits.items()}},
         "hist": [], "probes": {}, "stages": {}, "done": [], "pad": {}}
-    res = state["res"]
     if "raw_pixels" not in state["pad"]:
-        state["pad"]["raw_pixels"] = pad_of(None, data, ctx, None)
+        state["pad"]["raw_pixels"] = pad_pts.pad(None, data, ctx, None)
         ctx.log(f"pad: stage=raw_pixels pad={state['pad']['raw_pixels']:.4f}")
+    names = (data.src.title, data.tgt.title)
     if plots and resume is None:  # the untrained network, for the report's before/after pair
         with torch.random.fork_rng(devices=[]):  # figures must not change the training run's random numbers
             untrained = ctx.new_model(args.cls_dropout)
         bn = domain_bn(untrained, data, ctx) if args.eval_bn == "domain" else None
-        plot_tsne(embed(pts.features(untrained, data, ctx, bn), seed), pts, args.demo,
-                  fig / f"{prefix}tsne_before.png", "untrained network")
+        plot_tsne([("untrained network", embed(pts.features(untrained, data, ctx, bn), seed))], pts,
+                  out["figures"] / f"{prefix}tsne_before.png", names)
+    phases = plan(args)
     first = args.method[0]
-    for phase in plan(args):
+    for phase in phases:
         if phase.name in state["done"]:
             continue
+        point["snap"] = {"phase": phase.name, "epoch": 0, "seed": seed, "state": copy.deepcopy(state)}
         t_phase = time.time()
-        method = method_of(phase.name)
-        phase_resume = resume if resume is not None and resume["phase"] == phase.name else None
+        phase_resume = resume if resume is not None and resume["phase"] == phase.name and "model" in resume else None
         model = ctx.new_model(args.cls_dropout)
-        if phase.name.endswith("refine") and phase_resume is None:  # start from the adapted model as selected
-            model.load_state_dict(load_checkpoint(ck / f"{prefix}{checkpoint_name(method)}.pth")["model"])
+        if isinstance(phase.objective, Refiner) and phase_resume is None:  # start from the adapted model as selected
+            start = next(p for p in phases if p.name == phase.method)
+            model.load_state_dict(load_checkpoint(out["checkpoints"] / f"{prefix}{start.checkpoint}.pth")["model"])
 
         def probe(epoch: int, m: DANN, bn: dict[str, BNStats] | None, name: str = phase.name) -> dict:
             """Per adaptation epoch: the proxy A-distance, and the t-SNE features of the chosen epochs."""
@@ -1559,58 +1637,72 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
                 return {}
             if name == first and epoch in args.tsne_epochs and plots:
                 state["probes"][f"{name} epoch {epoch}"] = pts.features(m, data, ctx, bn)
-            return {"pad": pad_of(m, data, ctx, bn)}
+            return {"pad": pad_pts.pad(m, data, ctx, bn)}
 
-        hist, stop, model = fit(phase, model, data, args, ctx, ck, phase_resume, {"seed": seed, "state": state}, probe)
+        hist, stop, model = fit(phase, model, data, args, ctx, phase_resume, {"seed": seed, "state": state}, point,
+                                probe)
         resume = None
-        bn = domain_bn(model, data, ctx) if args.eval_bn == "domain" else None
-        tm, pred = test_metrics(model, data, ctx, bn)
-        r = {**tm, "best_epoch": stop.best_epoch, "epochs_run": len(hist)}
-        final = hist[stop.best_epoch - 1] if stop.best_epoch else hist[-1]
-        if phase.name in METHODS:
-            r.update(method=phase.name, select=phase.select, tgt_val_acc_monitoring=final["tgt_val_acc"])
-            r.update({k: final[k] for k in ("dom_acc",) if k in final})
-        if phase.name != "oracle":
-            r["pad"] = state["pad"][phase.name] = pad_of(model, data, ctx, bn)
-        if "source_only" in res and method is not None:
-            r["improvement"] = tm["tgt_test_acc"] - res["source_only"]["tgt_test_acc"]
-        r["wall_time_s"] = time.time() - t_phase
-        res[phase.name] = r
-        save_checkpoint(ck / f"{prefix}{checkpoint_name(phase.name)}.pth", {
-            "model": model.state_dict(), "config": vars_json(args), "seed": seed, "metrics": r, "history": hist,
-            **({"bn_stats": bn} if bn else {})})
-        state["hist"] += hist
-        more = " ".join(f"{k}={r[k]:.4f}" for k in ("tgt_test_acc_blended", "improvement", "dom_acc", "pad") if k in r)
-        ctx.log(f"{phase.name}: protocol={data.protocol} seed={seed} src_test_acc={tm['src_test_acc']:.4f} "
-                f"tgt_test_acc={tm['tgt_test_acc']:.4f} {more} best_epoch={stop.best_epoch} "
-                f"wall_time_s={r['wall_time_s']:.1f}" +
-                (f" note={ORACLE_NAME.replace(' ', '_')}" if phase.name == "oracle" else ""))
-        if plots and phase.name != "oracle":
-            emb = embed(pts.features(model, data, ctx, bn), seed)
-            title = "source-only" if method is None else f"{phase.name.replace('_', ' ')} (epoch {stop.best_epoch})"
-            state["stages"][phase.name] = (title, torch.from_numpy(emb))
-            suffix = "" if method in (None, first) else f"_{method}"
-            fname = "tsne_source_only" if method is None else f"tsne_after{suffix}" + (
-                "_refine" if phase.name.endswith("refine") else "")
-            plot_tsne(emb, pts, args.demo, fig / f"{prefix}{fname}.png",
-                      "source-only baseline" if method is None else f"after {phase.name.replace('_', ' ')}")
-            if method is not None:
-                plot_curves([h for h in state["hist"] if method_of(h["phase"]) == method],
-                            [h for h in state["hist"] if h["phase"] == "source_only"],
-                            fig / f"{prefix}curves{suffix}.png")
-                plot_confusion(data.tgt["test"][1].cpu(), pred, fig / f"{prefix}confusion{suffix}.png",
-                               f"{phase.name} on target test ({data.protocol} protocol), acc {tm['tgt_test_acc']:.3f}")
+        report_phase(phase, model, hist, stop, data, args, ctx, out, prefix, state, (pts, pad_pts), t_phase)
         state["done"].append(phase.name)
-    write_csv(ck / f"{prefix}metrics.csv", state["hist"])
+    point["snap"] = {"phase": "", "epoch": 0, "seed": seed, "state": copy.deepcopy(state)}
+    write_csv(out["checkpoints"] / f"{prefix}metrics.csv", state["hist"])
     if plots and args.tsne_epochs:
         st = state["stages"]
+        refined = next((p.name for p in phases if p.method == first and isinstance(p.objective, Refiner)), "")
         panels = ([st["source_only"]] if "source_only" in st else []) + [
             (k, torch.from_numpy(embed(v, seed))) for k, v in state["probes"].items()] + [
-            st[k] for k in (first, refine_key(first)) if k in st]
-        plot_evolution([(t, e.numpy()) for t, e in panels], pts, fig / f"{prefix}tsne_evolution.png")
+            st[k] for k in (first, refined) if k in st]
+        plot_tsne([(t, e.numpy()) for t, e in panels], pts, out["figures"] / f"{prefix}tsne_evolution.png")
+    res = state["res"]
     res["pad"] = dict(state["pad"])
     res["wall_time_s"] = time.time() - t_start
     return res
+
+
+def report_phase(phase: Phase, model: DANN, hist: list[dict], stop: EarlyStopping, data: Data,
+                 args: argparse.Namespace, ctx: Ctx, out: dict[str, Path], prefix: str, state: dict,
+                 samples: tuple[TestSample, TestSample], t_phase: float) -> None:
+    """A finished phase: test metrics, PAD, its checkpoint, its log line and its figures; results go into state."""
+    res, (pts, pad_pts) = state["res"], samples
+    bn = domain_bn(model, data, ctx) if args.eval_bn == "domain" else None
+    tm, pred = test_metrics(model, data, ctx, bn)
+    r = {**tm, "best_epoch": stop.best_epoch, "epochs_run": len(hist)}
+    final = hist[stop.best_epoch - 1] if stop.best_epoch else hist[-1]
+    if phase.name in METHODS:
+        r.update(method=phase.name, select=phase.select, tgt_val_acc_monitoring=final["tgt_val_acc"])
+        r.update({k: final[k] for k in ("dom_acc",) if k in final})
+    if phase.name != "oracle":
+        r["pad"] = state["pad"][phase.name] = pad_pts.pad(model, data, ctx, bn)
+    if "source_only" in res and phase.method is not None:
+        r["improvement"] = tm["tgt_test_acc"] - res["source_only"]["tgt_test_acc"]
+    r["wall_time_s"] = time.time() - t_phase
+    save_checkpoint(out["checkpoints"] / f"{prefix}{phase.checkpoint}.pth", {
+        "model": model.state_dict(), "config": vars_json(args), "seed": res["seed"], "metrics": r, "history": hist,
+        **({"bn_stats": bn} if bn else {})})
+    more = " ".join(f"{k}={r[k]:.4f}" for k in ("tgt_test_acc_blended", "improvement", "dom_acc", "pad") if k in r)
+    ctx.log(f"{phase.name}: protocol={data.protocol} pair={data.pair} seed={res['seed']} "
+            f"src_test_acc={tm['src_test_acc']:.4f} tgt_test_acc={tm['tgt_test_acc']:.4f} {more} "
+            f"best_epoch={stop.best_epoch} wall_time_s={r['wall_time_s']:.1f}" +
+            (f" note={ORACLE_NAME.replace(' ', '_')}" if phase.name == "oracle" else ""))
+    res[phase.name] = r
+    state["hist"] += hist
+    if args.no_plots or phase.name == "oracle":
+        return
+    fig, m = out["figures"], phase.method
+    emb = embed(pts.features(model, data, ctx, bn), res["seed"])
+    state["stages"][phase.name] = ("source-only" if m is None else
+                                   f"{phase.name.replace('_', ' ')} (epoch {stop.best_epoch})", torch.from_numpy(emb))
+    suffix = "" if m in (None, args.method[0]) else f"_{m}"
+    fname = "tsne_source_only" if m is None else f"tsne_after{suffix}" + (
+        "_refine" if isinstance(phase.objective, Refiner) else "")
+    title = "source-only baseline" if m is None else f"after {phase.name.replace('_', ' ')}"
+    plot_tsne([(title, emb)], pts, fig / f"{prefix}{fname}.png", (data.src.title, data.tgt.title))
+    if m is not None:
+        family = [p.name for p in plan(args) if p.method == m]
+        plot_curves([h for h in state["hist"] if h["phase"] in family],
+                    [h for h in state["hist"] if h["phase"] == "source_only"], fig / f"{prefix}curves{suffix}.png")
+        plot_confusion(data.tgt.splits["test"][1].cpu(), pred, fig / f"{prefix}confusion{suffix}.png", f"{phase.name} "
+                       f"on {data.tgt.title} test ({data.protocol} protocol), acc {tm['tgt_test_acc']:.3f}")
 
 
 SUMMARY_KEYS = ("src_test_acc", "tgt_test_acc", "src_test_acc_blended", "tgt_test_acc_blended", "improvement",
@@ -1660,20 +1752,21 @@ def comparison(runs: list[dict], summary: dict) -> tuple[list[dict], str]:
 
 
 def write_report(path: Path, results: dict, table: str, figures: list[str], argv: list[str]) -> None:
-    env = results["environment"]
+    env, cfg = results["environment"], results["config"]
     hw = env.get("gpu") or f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
+    pair = f"{results['source']} → {results['target']}"
     lines = [
-        "# Domain adaptation MNIST → MNIST-M: run report", "",
-        f"- Data: {'the offline demo' if results['config']['demo'] else 'MNIST → MNIST-M'}, "
+        f"# Domain adaptation {pair}: run report", "",
+        f"- Data: {'the offline demo, ' if cfg['demo'] else ''}{pair}, "
         f"protocol `{results['protocol']}`; seeds {', '.join(map(str, results['seeds']))}.",
-        f"- Recipe `{results['recipe']}`, method(s) {', '.join(results['config']['method'])}, refinement "
-        f"`{results['config']['refine']}`, BatchNorm statistics at evaluation: `{results['config']['eval_bn']}`.",
+        f"- Recipe `{results['recipe']}`, method(s) {', '.join(cfg['method'])}, refinement "
+        f"`{cfg['refine']}`, BatchNorm statistics at evaluation: `{cfg['eval_bn']}`.",
         f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, "
         f"bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
         f"- Command: `python DANN.py {' '.join(shlex.quote(a) for a in argv)}`",
         f"- Wall time: {results['wall_time_s']:.0f} s.", "",
         "Target labels were read only to report accuracy" +
-        (", and by the train-on-target row, which trains on them." if results["config"]["oracle"] else "."), "",
+        (", and by the train-on-target row, which trains on them." if cfg["oracle"] else "."), "",
         "## Results", "", table, ""]
     for f in figures:
         lines += [f"![{Path(f).stem}]({f})", ""]
@@ -1691,22 +1784,25 @@ def eval_only(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path]) -> int:
     if cfg.get("demo", args.demo) != args.demo:
         raise UserError(f"{args.checkpoint} was trained {'with' if cfg['demo'] else 'without'} --demo; "
                         "evaluate it the same way")
-    for k in ("protocol", "tgt_split", "norm"):  # evaluate on the splits and normalisation it was trained with
+    for k in ("source", "target", "protocol", "tgt_split", "norm"):  # the pair, splits and inputs it was trained on
         if k in cfg:
             setattr(args, k, cfg[k])
+    if "mnistm" in (args.source, args.target) and args.mnistm_root is None and not args.demo:
+        raise UsageError(f"{args.checkpoint} was trained on {DOMAINS[args.source]} -> {DOMAINS[args.target]}: "
+                         "give --mnistm-root PATH")
     seed = ck.get("seed", args.seeds[0])
     data = load_data(args, seed, ctx.device, ctx.log)
     bn = ck.get("bn_stats")  # each domain's statistics, saved with the model; absent = the report's blended ones
     tm, pred = test_metrics(model, data, ctx, bn)
-    res = {"checkpoint": str(args.checkpoint), "protocol": data.protocol, "seed": seed,
+    res = {"checkpoint": str(args.checkpoint), "pair": data.pair, "protocol": data.protocol, "seed": seed,
            "eval_bn": "domain" if bn else "blended", **tm}
-    ctx.log(f"eval: protocol={data.protocol} eval_bn={res['eval_bn']} " +
+    ctx.log(f"eval: protocol={data.protocol} pair={data.pair} eval_bn={res['eval_bn']} " +
             " ".join(f"{k}={v:.4f}" for k, v in tm.items()))
-    write_json(out["checkpoints"] / "eval_results.json", res)
+    write_json(out["checkpoints"] / f"{file_prefix(args)}eval_results.json", res)
     if args.tsne:
-        pts = TsnePoints.pick(data, args.tsne_points, seed)
-        plot_tsne(embed(pts.features(model, data, ctx, bn), seed), pts, args.demo, out["figures"] / "eval_tsne.png",
-                  args.checkpoint.name)
+        pts = TestSample.pick(data, args.tsne_points // 2, seed)
+        plot_tsne([(args.checkpoint.name, embed(pts.features(model, data, ctx, bn), seed))], pts,
+                  out["figures"] / f"{file_prefix(args)}eval_tsne.png", (data.src.title, data.tgt.title))
     return 0
 
 
@@ -1742,6 +1838,47 @@ def keep_freed_memory() -> None:
             libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: and keep freed heap for the next step
 
 
+def train(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path], argv: list[str]) -> int:
+    """Every seed (continuing an interrupted run where asked), then the summary files. Ctrl-C or a NaN anywhere
+    saves the latest resumable state to last.pth."""
+    t0, prefix = time.time(), file_prefix(args)
+    resume = check_resume(args)
+    runs: list[dict] = list(resume.get("runs", [])) if resume is not None else []  # seeds already finished
+    point: dict = {}
+    last = out["checkpoints"] / f"{prefix}last.pth"
+    try:
+        for s in args.seeds:
+            if s not in [r["seed"] for r in runs]:
+                runs.append(run_seed(args, s, ctx, out, point, resume if resume and resume["seed"] == s else None))
+    except (KeyboardInterrupt, FloatingPointError) as e:
+        if not point:  # interrupted before the first seed had anything to save
+            raise
+        save_checkpoint(last, {**point["snap"], "runs": runs, "config": vars_json(args)})
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(str(last)) from None
+        raise UserError(f"loss became NaN or inf at {e}; stopped. The last good state (epoch {point['snap']['epoch']}) "
+                        f"is in {last}; try a lower --lr") from None
+    summary = summarise(runs)
+    results = {"pair": runs[0]["pair"], "source": runs[0]["source"], "target": runs[0]["target"],
+               "protocol": runs[0]["protocol"], "recipe": args.recipe, "methods": args.method, "seeds": args.seeds,
+               "summary": summary, "runs": runs, "config": vars_json(args),
+               "environment": environment(ctx.device, ctx.amp), "wall_time_s": time.time() - t0}
+    rows, table = comparison(runs, summary)
+    write_json(out["checkpoints"] / f"{prefix}config.json", vars_json(args))
+    write_json(out["checkpoints"] / f"{prefix}results.json", results)
+    write_csv(out["checkpoints"] / f"{prefix}compare.csv", rows)
+    fig_prefix = prefix + (f"seed{args.seeds[0]}_" if len(args.seeds) > 1 else "")
+    figs = [] if args.no_plots else [f"figures/{fig_prefix}{n}.png" for n in (
+        "tsne_evolution", "tsne_source_only", "tsne_after", "curves", "confusion") if
+        (out["figures"] / f"{fig_prefix}{n}.png").exists()]
+    write_report(args.out_dir / f"{prefix}report.md", results, table, figs, argv)
+    ctx.log("compare:\n" + table)
+    ctx.log(f"summary: protocol={results['protocol']} seeds={','.join(map(str, args.seeds))} pair={results['pair']} "
+            + " ".join(f"{k}={v['mean']:.4f}+-{v['std']:.4f}" for k, v in summary.items()
+                       if k.endswith(("acc", "improvement", "pad"))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1752,43 +1889,20 @@ def main(argv: list[str] | None = None) -> int:
         ctx = make_ctx(args, log)
         out = {"checkpoints": args.out_dir / "checkpoints", "figures": args.out_dir / "figures"}
         check_writable(*out.values())
-        if args.eval_only:
-            return eval_only(args, ctx, out)
-        t0 = time.time()
-        multi = len(args.seeds) > 1
-        runs = [run_seed(args, s, ctx, out, "multi" if multi else "") for s in args.seeds]
-        summary = summarise(runs)
-        results = {"protocol": runs[0]["protocol"], "recipe": args.recipe, "methods": args.method,
-                   "seeds": args.seeds, "summary": summary, "runs": runs, "config": vars_json(args),
-                   "environment": environment(ctx.device, ctx.amp), "wall_time_s": time.time() - t0}
-        prefix = "demo_" if args.demo else ""
-        rows, table = comparison(runs, summary)
-        write_json(out["checkpoints"] / f"{prefix}config.json", vars_json(args))
-        write_json(out["checkpoints"] / f"{prefix}results.json", results)
-        write_csv(out["checkpoints"] / f"{prefix}compare.csv", rows)
-        fig_prefix = prefix + (f"seed{args.seeds[0]}_" if multi else "")
-        figs = [] if args.no_plots else [f"figures/{fig_prefix}{n}.png" for n in (
-            "tsne_evolution", "tsne_source_only", "tsne_after", "curves", "confusion") if
-            (out["figures"] / f"{fig_prefix}{n}.png").exists()]
-        write_report(args.out_dir / f"{prefix}report.md", results, table, figs, argv)
-        log("compare:\n" + table)
-        log(f"summary: protocol={results['protocol']} seeds={','.join(map(str, args.seeds))} " + " ".join(
-            f"{k}={v['mean']:.4f}+-{v['std']:.4f}" for k, v in summary.items()
-            if k.endswith(("acc", "improvement", "pad"))))
-        return 0
+        return eval_only(args, ctx, out) if args.eval_only else train(args, ctx, out, argv)
     except Interrupted as e:
-        path, seed = e.args
         keep, skip = [], False
-        for a in argv:  # the same flags, less old --resume and --seed(s)
+        for a in argv:  # the same flags, less an old --resume and the seeds, which are given again below
             skip = a in ("--resume", "--seed", "--seeds") if a.startswith("--") else skip
             keep += [] if skip else [a]
-        cmd = " ".join(shlex.quote(a) for a in [*keep, "--seed", str(seed), "--resume", path])
-        print(f"\ninterrupted; state saved to {path}. Resume with: python DANN.py {cmd}", file=sys.stderr)
+        seeds = ["--seed" if len(args.seeds) == 1 else "--seeds", *map(str, args.seeds)]
+        cmd = " ".join(shlex.quote(a) for a in [*keep, *seeds, "--resume", e.args[0]])
+        print(f"\ninterrupted; state saved to {e.args[0]}. Resume with: python DANN.py {cmd}", file=sys.stderr)
         return 130
     except UserError as e:
         print(f"DANN.py: error: {e}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:  # outside training (loading data, plotting): nothing to save
+    except KeyboardInterrupt:  # before anything could be saved (loading data): nothing to resume
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,9 @@ def profile(args: argparse.Namespace, ctx: DANN.Ctx, data: DANN.Data, steps: int
     spec = next(p for p in DANN.plan(args) if p.name == "dann")
     model = ctx.new_model(args.cls_dropout).train()
     opt = DANN.make_optimizer(model, args, args.lr, ctx.device)
-    src = DANN.Batches(*data.src["train"], data.src_norm, args, ctx).epoch()
-    tgt = DANN.Batches(*data.tgt["train"], data.tgt_norm, args, ctx).epoch()
+    n = 3 + steps
+    src = DANN.Batches(*data.src.splits["train"], data.src.norm, args, ctx).epoch(n)
+    tgt = DANN.Batches(*data.tgt.splits["train"], data.tgt.norm, args, ctx).epoch(n)
 
     def step() -> None:
         (xs, ys), (xt, _) = next(src), next(tgt)
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = next(p for p in DANN.plan(a) if p.name == phase)
             DANN.set_seed(args.seeds[0])
             model = ctx.new_model(a.cls_dropout)
-            hist, _, _ = DANN.fit(spec, model, data, a, ctx, Path(tempfile.gettempdir()), None, {})
+            hist, _, _ = DANN.fit(spec, model, data, a, ctx, None, {}, {})
             t = float(np.median([h["time_s"] for h in hist[1:]]))
-            n = len(data.src["train"][0])
-            if phase == "dann":
-                n = min(n, len(data.tgt["train"][0]))
+            n = len(data.src.splits["train"][0])
+            if phase == "dann":  # an epoch is one pass over the larger domain
+                n = max(n, len(data.tgt.splits["train"][0]))
             imgs = n // a.batch_size * a.batch_size * (2 if phase == "dann" else 1)  # source + target images
             rows[(path, phase)] = (t, imgs / t)
     print(f"benchmark: device={ctx.device} torch={torch.__version__} batch={args.batch_size} bf16={ctx.amp} "

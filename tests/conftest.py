@@ -73,6 +73,12 @@ def fake_data(tmp_path: Path) -> dict[str, Path]:
     return {"data_dir": make_mnist(tmp_path / "data"), "mnistm": make_mnistm(tmp_path / "mnist_m", "original")}
 
 
+def data_flags(fake: dict[str, Path], out: Path) -> list[str]:
+    """Where the data is and where outputs go: all that --eval-only takes besides the checkpoint."""
+    return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline", "--device", "cpu",
+            "--out-dir", str(out)]
+
+
 def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
     """A whole run in a few seconds on CPU."""
     return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline",

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import DANN
-from conftest import make_mnist, make_mnistm, tiny_flags
+from conftest import data_flags, make_mnist, make_mnistm, tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+MNIST_NORM, MNISTM_NORM = (0.1307, 0.3081), (0.5, 0.5)  # the report's transforms
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -63,10 +64,10 @@ def test_grl_forward_is_identity_and_backward_is_minus_lambda_times_grad() -> No
 
 def test_grl_with_lambda_zero_blocks_gradient_and_accepts_a_tensor_lambda() -> None:
     x = torch.randn(3, requires_grad=True)
-    DANN.GRL()(x, 0.0).sum().backward()
+    DANN.GradReverse.apply(x, 0.0).sum().backward()
     assert torch.equal(x.grad, torch.zeros(3))
     x.grad = None
-    DANN.GRL()(x, torch.tensor(2.0)).sum().backward()
+    DANN.GradReverse.apply(x, torch.tensor(2.0)).sum().backward()
     assert torch.allclose(x.grad, torch.full((3,), -2.0))
 
 
@@ -102,8 +103,9 @@ def test_output_shapes_and_log_probabilities() -> None:
     assert y.shape == (6, 10) and d.shape == (6, 2)
     assert torch.allclose(y.exp().sum(1), torch.ones(6), atol=1e-5)
     assert torch.allclose(d.exp().sum(1), torch.ones(6), atol=1e-5)
-    assert model.features(x).shape == (6, 1250)
-    assert model.get_top_features(x).shape == (6, 100)
+    assert model.feat(x).shape == (6, 1250)
+    logp, h = model.forward_top(x)
+    assert h.shape == (6, 100) and torch.equal(logp, y)
 
 
 def test_report_dropout_zeroes_whole_samples_and_is_identity_in_eval() -> None:
@@ -199,23 +201,28 @@ def test_pooled_and_official_protocols_split_the_target_as_documented() -> None:
            torch.zeros(30, 1, 28, 28, dtype=torch.uint8), torch.arange(30) % 10)
     tgt = (torch.randint(0, 255, (80, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(80) % 10,
            torch.full((20, 3, 32, 32), 7, dtype=torch.uint8), torch.arange(20) % 10)
-    pooled = DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "per-domain", 0)
-    assert [len(pooled.tgt[k][0]) for k in ("train", "val", "test")] == [80, 10, 10]
-    assert [len(pooled.src[k][0]) for k in ("train", "val", "test")] == [90, 10, 30]
-    official = DANN.make_splits("x", src, tgt, "official", [0.8, 0.1, 0.1], "per-domain", 0)
-    assert torch.equal(official.tgt["test"][0], tgt[2])  # the official test set, untouched
-    assert len(official.tgt["train"][0]) + len(official.tgt["val"][0]) == 80
-    assert len(official.tgt["val"][0]) == round(80 / 9)
-    assert pooled.src_norm == DANN.MNIST_NORM and pooled.tgt_norm == DANN.MNISTM_NORM
-    assert DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "shared", 0).src_norm == DANN.MNISTM_NORM
-    again = DANN.make_splits("x", src, tgt, "pooled", [0.8, 0.1, 0.1], "per-domain", 0)
-    assert torch.equal(again.tgt["val"][0], pooled.tgt["val"][0])  # seeded
+    names = ("mnist", "mnistm")
+    pooled = DANN.make_splits(names, src, tgt, "pooled", [0.8, 0.1, 0.1], "report", 0)
+    assert [len(pooled.tgt.splits[k][0]) for k in ("train", "val", "test")] == [80, 10, 10]
+    assert [len(pooled.src.splits[k][0]) for k in ("train", "val", "test")] == [90, 10, 30]
+    official = DANN.make_splits(names, src, tgt, "official", [0.8, 0.1, 0.1], "report", 0)
+    assert torch.equal(official.tgt.splits["test"][0], tgt[2])  # the official test set, untouched
+    assert len(official.tgt.splits["train"][0]) + len(official.tgt.splits["val"][0]) == 80
+    assert len(official.tgt.splits["val"][0]) == round(80 / 9)
+    assert pooled.src.norm == MNIST_NORM and pooled.tgt.norm == MNISTM_NORM  # the report's transforms
+    assert DANN.make_splits(names, src, tgt, "pooled", [0.8, 0.1, 0.1], "shared", 0).src.norm == MNISTM_NORM
+    own = DANN.make_splits(names, src, tgt, "pooled", [0.8, 0.1, 0.1], "per-domain", 0)
+    x = DANN.resize32(own.tgt.splits["train"][0]).float() / 255  # each domain's own training pixels
+    assert own.tgt.norm == pytest.approx((x.mean().item(), x.std().item()), abs=1e-4)
+    again = DANN.make_splits(names, src, tgt, "pooled", [0.8, 0.1, 0.1], "report", 0)
+    assert torch.equal(again.tgt.splits["val"][0], pooled.tgt.splits["val"][0])  # seeded
 
 
 def test_device_preprocessing_matches_the_reports_pil_transforms() -> None:
     g = torch.Generator().manual_seed(0)
-    for x, norm in ((torch.randint(0, 256, (16, 1, 28, 28), generator=g, dtype=torch.uint8), DANN.MNIST_NORM),
-                    (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), DANN.MNISTM_NORM)):
+    for x, norm in ((torch.randint(0, 256, (16, 1, 28, 28), generator=g, dtype=torch.uint8), MNIST_NORM),
+                    (torch.randint(0, 256, (16, 1, 16, 16), generator=g, dtype=torch.uint8), MNIST_NORM),  # USPS
+                    (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), MNISTM_NORM)):
         ds = DANN.ReportDataset(x, torch.zeros(16, dtype=torch.long), norm)
         ref = torch.stack([ds[i][0] for i in range(16)])
         fast = DANN.normalize(DANN.resize32(x), norm)
@@ -342,7 +349,7 @@ def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_
     out = tmp_path / "run"
     assert run_main(tiny_flags(fake_data, out) + ["--no-plots", "--protocol", "official"], capsys)[0] == 0
     ckpt = out / "checkpoints" / "best_dann_final.pth"
-    ev_flags = tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"]
+    ev_flags = data_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"]
     code, stdout, _ = run_main(ev_flags, capsys)
     assert code == 0 and "eval: protocol=official" in stdout
     ev = json.loads((tmp_path / "ev" / "checkpoints" / "eval_results.json").read_text())
@@ -353,10 +360,10 @@ def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_
     assert code == 1 and "was trained without --demo" in err
     bad = tmp_path / "bad.pth"
     torch.save({"format": DANN.CKPT_FORMAT, "model": {"feat.0.weight": torch.zeros(1)}, "config": {}}, bad)
-    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
+    code, _, err = run_main(data_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
     assert code == 1 and "does not fit this network" in err
     torch.save({"weights": 1}, bad)
-    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
+    code, _, err = run_main(data_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(bad)], capsys)
     assert code == 1 and "is not a DANN.py checkpoint" in err
 
 
@@ -457,7 +464,6 @@ def test_missing_mnist_offline_says_where_the_files_belong(tmp_path: Path, capsy
     (["--patience", "0"], "--patience must be positive"),
     (["--gamma", "-1"], "--gamma must be >= 0"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
-    (["--resume", "x.pth", "--seeds", "1", "2"], "--resume continues one run"),
 ])
 def test_invalid_flags_exit_2_with_an_argparse_message(flags: list[str], message: str,
                                                        capsys: pytest.CaptureFixture) -> None:
@@ -494,9 +500,9 @@ def test_per_domain_bn_statistics_equal_the_statistics_of_that_domains_images() 
     model = DANN.DANN("element").eval()
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = DANN.bn_stats(model, x, DANN.MNISTM_NORM, ctx, bs=64)  # one batch: exact statistics
+    stats = DANN.bn_stats(model, x, MNISTM_NORM, ctx, bs=64)  # one batch: exact statistics
     with torch.no_grad():
-        conv = model.feat[0](DANN.normalize(x, DANN.MNISTM_NORM))
+        conv = model.feat[0](DANN.normalize(x, MNISTM_NORM))
     assert torch.allclose(stats["feat.1.running_mean"], conv.mean((0, 2, 3)), atol=1e-4)
     assert torch.allclose(stats["feat.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model keeps its own
@@ -621,9 +627,13 @@ def test_mnistm_root_one_level_too_high_names_the_subfolder(tmp_path: Path, caps
 def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     panels: list[list[str]] = []
-    real = DANN.plot_evolution
-    monkeypatch.setattr(DANN, "plot_evolution",
-                        lambda p, pts, path: (panels.append([t for t, _ in p]), real(p, pts, path)))
+    real = DANN.plot_tsne
+
+    def spy(p: list, pts: object, path: Path, domains: tuple | None = None) -> None:
+        if path.name == "tsne_evolution.png":
+            panels.append([t for t, _ in p])
+        real(p, pts, path, domains)
+    monkeypatch.setattr(DANN, "plot_tsne", spy)
     out = tmp_path / "o"
     code, stdout, _ = run_main(tiny_flags(fake_data, out) + [
         "--method", "dann", "mmd", "coral", "--refine", "pseudo", "--refine-epochs", "2", "--oracle",
@@ -652,7 +662,7 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
         assert (out / "figures" / f"{f}.png").exists(), f
     # one panel per requested epoch, between the baseline and the final and refined models, all on the same points
     assert panels == [["source-only", "dann epoch 1", "dann epoch 2", "dann (epoch 3)", "refine (epoch 2)"]]
-    code, stdout, _ = run_main(tiny_flags(fake_data, tmp_path / "ev") + [
+    code, stdout, _ = run_main(data_flags(fake_data, tmp_path / "ev") + [
         "--eval-only", "--checkpoint", str(out / "checkpoints" / "best_refined.pth")], capsys)
     assert code == 0 and f"tgt_test_acc={run['refine']['tgt_test_acc']:.4f}" in stdout
 
