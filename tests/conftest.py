@@ -85,3 +85,34 @@ def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
             "--epochs", "3", "--refine-epochs", "2", "--batch-size", "16", "--warmup-epochs", "1", "--patience", "2",
             "--device", "cpu",
             "--tsne-points", "40", "--out-dir", str(out)]
+
+
+def make_usps(data_dir: Path, n_train: int = 120, n_test: int = 40, seed: int = 2) -> Path:
+    """torchvision's USPS files: bz2 libsvm lines '<label 1-10> 1:<v> ... 256:<v>', pixels in [-1, 1]."""
+    import bz2
+    rng = np.random.RandomState(seed)
+    (data_dir / "USPS").mkdir(parents=True, exist_ok=True)
+    for name, n in (("usps.bz2", n_train), ("usps.t.bz2", n_test)):
+        y = np.arange(n) % 10
+        x = digit_images(y, 16, rng).astype(np.float64) / 255 * 2 - 1
+        lines = [f"{c + 1} " + " ".join(f"{j + 1}:{v:.6f}" for j, v in enumerate(im.ravel())) for im, c in zip(x, y)]
+        (data_dir / "USPS" / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    return data_dir
+
+
+def make_svhn(data_dir: Path, n_train: int = 150, n_test: int = 50, seed: int = 3) -> Path:
+    """torchvision's SVHN files: .mat with X of shape (32, 32, 3, N) uint8 and y of shape (N, 1), 10 meaning 0."""
+    from scipy.io import savemat
+    rng = np.random.RandomState(seed)
+    (data_dir / "SVHN").mkdir(parents=True, exist_ok=True)
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        x, y = mnistm_images(n, rng)
+        savemat(str(data_dir / "SVHN" / name), {"X": x.transpose(1, 2, 3, 0), "y": np.where(y == 0, 10, y)[:, None]})
+    return data_dir
+
+
+@pytest.fixture
+def all_data(tmp_path: Path) -> dict[str, Path]:
+    """Fake MNIST, USPS and SVHN under data/, fake MNIST-M (ImageFolder layout) under mnist_m/."""
+    data = make_svhn(make_usps(make_mnist(tmp_path / "data")))
+    return {"data_dir": data, "mnistm": make_mnistm(tmp_path / "mnist_m", "imagefolder")}

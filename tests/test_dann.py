@@ -706,3 +706,225 @@ def test_resume_mid_refinement_equals_an_uninterrupted_run(tmp_path: Path, fake_
     for key in ("source_only", "dann", "refine"):
         assert {k: v for k, v in got[key].items() if k != "wall_time_s"} == \
                {k: v for k, v in want[key].items() if k != "wall_time_s"}
+
+
+# ---------------------------------------------------------------------------------------------- defaults, traps
+
+def test_help_prints_the_defaults_in_force_for_the_recipe_and_the_demo(capsys: pytest.CaptureFixture) -> None:
+    def default_of(flag: str, *argv: str) -> str:
+        with pytest.raises(SystemExit):
+            DANN.parse_args([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        return text.rsplit(f" {flag} ", 1)[1].split("(default: ", 1)[1].split(")", 1)[0]  # the option, not the usage
+    assert default_of("--epochs", "--demo") == "60" and default_of("--epochs") == "50"
+    assert default_of("--batch-size", "--demo") == "64" and default_of("--batch-size") == "512"
+    assert default_of("--refine") == "pseudo" and default_of("--refine", "--recipe", "report") == "none"
+    assert default_of("--protocol") == "pooled" and default_of("--protocol", "--target", "usps") == "official"
+    r = cli("--demo", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "max epochs per phase; an epoch is one pass over the larger training domain (default: 60)" in text
+    assert "differs from 'best' in:" in text and "--refine none" in text
+
+
+def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default() -> None:
+    a = DANN.parse_args(["--demo", "--epochs", "50", "--warmup-epochs", "10", "--refine-epochs", "10"])
+    assert (a.epochs, a.warmup_epochs, a.refine_epochs, a.batch_size) == (50, 10, 10, 64)
+    b = DANN.parse_args(["--demo"])
+    assert (b.epochs, b.warmup_epochs, b.refine_epochs) == (60, 5, 20)
+    c = DANN.parse_args(["--mnistm-root", "x", "--recipe", "report", "--batch-size", "64", "--select", "last"])
+    assert (c.batch_size, c.select, c.refine, c.norm) == (64, "last", "none", "report")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--demo", "--tsne"], "--checkpoint and --tsne go with --eval-only"),
+    (["--demo", "--checkpoint", "x.pth"], "--checkpoint and --tsne go with --eval-only"),
+    (["--demo", "--epochs", "3", "--tsne-epochs", "2", "5"], "--tsne-epochs must be adaptation epochs between 1"),
+    (["--demo", "--refine", "none", "--refine-epochs", "3"], "--refine-epochs, --refine-lr and --ema-decay need"),
+    (["--demo", "--refine", "dirt-t", "--pseudo-threshold", "0.8"], "--pseudo-threshold needs --refine pseudo"),
+    (["--demo", "--vat-eps", "2"], "--vat-eps needs --refine dirt-t or --vada"),
+    (["--demo", "--eval-only", "--checkpoint", "x.pth", "--epochs", "3"], "takes its settings from the checkpoint"),
+    (["--demo", "--min-delta", "-1"], "--min-delta must be >= 0"),
+    (["--demo", "--data-path", "device", "--num-workers", "2"], "--num-workers is for --data-path loader"),
+    (["--demo", "--source", "usps"], "--demo brings its own data"),
+    (["--target", "usps", "--protocol", "pooled"], "--protocol pooled is the report's MNIST-M protocol"),
+    (["--source", "usps", "--target", "usps"], "--source and --target must be different"),
+    (["--source", "usps", "--target", "mnist", "--mnistm-root", "m"], "--mnistm-root is only read when MNIST-M"),
+    (["--source", "mnistm", "--target", "usps"], "give --mnistm-root PATH"),
+])
+def test_flag_combinations_that_would_be_ignored_are_refused(flags: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        DANN.parse_args(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.strip().splitlines()[-1].startswith("DANN.py: error:")
+
+
+def test_select_last_keeps_the_last_epoch_whatever_min_delta_says(tmp_path: Path, fake_data: dict,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    flags = tiny_flags(fake_data, tmp_path) + ["--no-plots", "--select", "last", "--min-delta", "5", "--epochs", "4"]
+    assert run_main(flags, capsys)[0] == 0
+    run = results(tmp_path)["runs"][0]
+    assert run["dann"]["best_epoch"] == 4 and run["dann"]["epochs_run"] == 4
+
+
+def test_ctrl_c_after_training_during_the_phase_report_resumes_without_losing_the_phase(
+        tmp_path: Path, fake_data: dict) -> None:
+    flags = tiny_flags(fake_data, tmp_path / "full") + ["--epochs", "3", "--refine-epochs", "1"]
+    assert cli(*flags).returncode == 0
+    want = results(tmp_path / "full")["runs"][0]
+    flags_i = tiny_flags(fake_data, tmp_path / "int") + ["--epochs", "3", "--refine-epochs", "1"]
+    code, err = interrupt_at(flags_i, "dann: protocol=")  # the phase's test metrics are out; its figures are not
+    assert code == 130, err
+    last = torch.load(tmp_path / "int" / "checkpoints" / "last.pth", weights_only=True)
+    assert last["phase"] == "dann" and last["finished"] and last["epoch"] == 3
+    r = cli(*flags_i, "--resume", str(tmp_path / "int" / "checkpoints" / "last.pth"))
+    assert r.returncode == 0, r.stderr
+    assert "phase=dann epoch=" not in r.stdout  # the finished phase is not trained again
+    got = results(tmp_path / "int")["runs"][0]
+    for key in ("source_only", "dann", "refine"):
+        assert {k: v for k, v in got[key].items() if k != "wall_time_s"} == \
+               {k: v for k, v in want[key].items() if k != "wall_time_s"}
+    assert (tmp_path / "int" / "figures" / "tsne_after.png").exists()
+
+
+def test_resume_of_a_multi_seed_run_finishes_the_seed_then_runs_the_rest(tmp_path: Path, fake_data: dict) -> None:
+    extra = ["--seeds", "1", "2", "3", "--epochs", "2", "--refine-epochs", "1", "--no-plots"]
+    assert cli(*tiny_flags(fake_data, tmp_path / "full"), *extra).returncode == 0
+    want = results(tmp_path / "full")
+    flags_i = tiny_flags(fake_data, tmp_path / "int") + extra
+    code, err = interrupt_at(flags_i, "phase=dann epoch=1 ")
+    assert code == 130, err
+    seen = []
+    last = tmp_path / "int" / "checkpoints" / "last.pth"
+    assert f"--seeds 1 2 3 --resume {last}" in err
+    ck = torch.load(last, weights_only=True)
+    seen.append(ck["seed"])
+    r = cli(*flags_i, "--resume", str(last))
+    assert r.returncode == 0, r.stderr
+    got = results(tmp_path / "int")
+    assert [x["seed"] for x in got["runs"]] == [1, 2, 3] and seen == [1]
+    for a, b in zip(got["runs"], want["runs"]):
+        for key in ("source_only", "dann", "refine"):
+            assert {k: v for k, v in a[key].items() if k != "wall_time_s"} == \
+                   {k: v for k, v in b[key].items() if k != "wall_time_s"}
+    for seed in (1, 2, 3):
+        assert (tmp_path / "int" / "checkpoints" / f"seed{seed}_best_refined.pth").exists()
+    assert not list((tmp_path / "int" / "checkpoints").glob("best_*.pth"))  # no seed's file without its prefix
+
+
+def test_old_checkpoints_get_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old = tmp_path / "old.pth"
+    torch.save({"format": "dann.py/1", "model": {}}, old)
+    code, _, err = run_main(["--demo", "--eval-only", "--checkpoint", str(old), "--out-dir", str(tmp_path)], capsys)
+    assert code == 1 and "was written by an older DANN.py (dann.py/1" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+PAIRS = [(s, t) for s in DANN.DOMAINS for t in DANN.DOMAINS if s != t]
+
+
+def pair_flags(fake: dict, source: str, target: str) -> list[str]:
+    mnistm = ["--mnistm-root", str(fake["mnistm"])] if "mnistm" in (source, target) else []
+    return ["--source", source, "--target", target, *mnistm, "--data-dir", str(fake["data_dir"]), "--offline"]
+
+
+def test_every_pair_builds_32x32_three_channel_data_with_digit_labels(all_data: dict) -> None:
+    for source, target in PAIRS:
+        args = DANN.parse_args(pair_flags(all_data, source, target))
+        assert args.protocol == ("pooled" if target == "mnistm" else "official")
+        data = DANN.load_data(args, 0, torch.device("cpu"), lambda s: None)
+        assert (data.src.name, data.tgt.name) == (source, target)
+        for _, dom in data.domains():
+            for split, (x, y) in dom.splits.items():
+                x = DANN.normalize(DANN.resize32(x), dom.norm)
+                assert x.shape[1:] == (3, 32, 32) and len(x) == len(y) > 0, (source, target, split)
+                assert 0 <= y.min() <= y.max() <= 9 and y.dtype == torch.int64
+            m, s = dom.norm
+            assert 0 < m < 1 and 0 < s < 1  # each domain standardised by its own training pixels
+
+
+def test_usps_and_svhn_read_as_torchvision_reads_them(all_data: dict) -> None:
+    from conftest import digit_images, mnistm_images
+    x, y, xt, yt = DANN.load_torchvision("usps", all_data["data_dir"], offline=True)
+    assert x.shape == (120, 1, 16, 16) and xt.shape == (40, 1, 16, 16) and y[:3].tolist() == [0, 1, 2]  # 1-10 -> 0-9
+    want = digit_images(np.arange(120) % 10, 16, np.random.RandomState(2))
+    assert (x[:, 0].int() - torch.from_numpy(want).int()).abs().max() <= 1  # [-1, 1] -> [0, 255], 6 decimals
+    x, y, _, _ = DANN.load_torchvision("svhn", all_data["data_dir"], offline=True)
+    img, lab = mnistm_images(150, np.random.RandomState(3))
+    assert torch.equal(x, torch.from_numpy(img).permute(0, 3, 1, 2)) and torch.equal(y, torch.from_numpy(lab))
+    assert (y == 0).sum() == 15  # stored as 10
+
+
+@pytest.mark.parametrize("name,damage", [("usps", "missing"), ("usps", "corrupt"), ("svhn", "missing"),
+                                         ("svhn", "corrupt"), ("mnist", "missing")])
+def test_missing_or_corrupt_data_files_give_one_line(tmp_path: Path, all_data: dict, name: str, damage: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    folder, files = DANN.TV_FILES[name]
+    target = all_data["data_dir"] / folder / files[0]
+    if damage == "missing":
+        target.unlink()
+    else:
+        target.write_bytes(b"not a data file at all")
+    other = "mnistm" if name != "mnistm" else "mnist"
+    flags = pair_flags(all_data, name, other) + ["--device", "cpu", "--out-dir", str(tmp_path / "o")]
+    code, _, err = run_main(flags, capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{DANN.DOMAINS[name]} not found under {all_data['data_dir'] / folder}" in err and files[0] in err
+    assert not (tmp_path / "o" / "checkpoints" / f"{name}-{other}_results.json").exists()
+
+
+def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(all_data: dict) -> None:
+    args = DANN.parse_args(pair_flags(all_data, "usps", "mnist") + ["--batch-size", "16", "--epochs", "2",
+                                                                        "--device", "cpu"])
+    args.data_path = "device"
+    data = DANN.load_data(args, 0, torch.device("cpu"), lambda s: None)
+    n_src, n_tgt = len(data.src.splits["train"][0]), len(data.tgt.splits["train"][0])
+    assert n_tgt > 1.5 * n_src  # USPS's fixture is the smaller domain here
+    seen: list[torch.Tensor] = []
+
+    def counting(model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
+        seen.append(b.ys)
+        return DANN.dann_objective(model, b, a)
+    ctx = DANN.Ctx(torch.device("cpu"), amp=False, channels_last=False, log=lambda s: None)
+    phase = DANN.Phase("dann", counting, 2, 1e-3, unlabelled=True, ramp=True, select="last")
+    hist, _, _ = DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
+    assert len(hist) == 2 and len(seen) == 2 * (n_tgt // 16)
+    per_pass = n_src // 16
+    labels = torch.cat(seen[: n_tgt // 16])
+    counts = torch.bincount(labels, minlength=10)  # each source image shows up once per pass: balanced classes
+    assert counts.max() - counts.min() <= len(labels) // 10 and len(seen) > 2 * per_pass
+
+
+def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Path, all_data: dict,
+                                                                    capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    legends: list = []
+    real = DANN.plot_tsne
+    monkeypatch.setattr(DANN, "plot_tsne", lambda p, pts, path, domains=None: (legends.append(domains),
+                                                                              real(p, pts, path, domains)))
+    out = tmp_path / "o"
+    flags = pair_flags(all_data, "usps", "mnist") + [
+        "--epochs", "2", "--refine-epochs", "1", "--batch-size", "16", "--device", "cpu", "--tsne-points", "40",
+        "--out-dir", str(out), "--oracle"]
+    code, stdout, _ = run_main(flags, capsys)
+    assert code == 0
+    res = results(out, "usps-mnist_")
+    assert (res["pair"], res["source"], res["target"]) == ("usps->mnist", "USPS", "MNIST")
+    assert res["config"]["source"] == "usps" and res["runs"][0]["splits"]["tgt_test"] == 60
+    for f in ("config.json", "compare.csv", "metrics.csv", "best_dann_final.pth", "best_refined.pth"):
+        assert (out / "checkpoints" / f"usps-mnist_{f}").exists(), f
+    assert (out / "figures" / "usps-mnist_tsne_after.png").exists() and (out / "usps-mnist_report.md").exists()
+    assert not (out / "checkpoints" / "results.json").exists()
+    report = (out / "usps-mnist_report.md").read_text()
+    assert "# Domain adaptation USPS → MNIST" in report
+    assert {d for d in legends if d} == {("USPS", "MNIST")}
+    for text in (report, stdout, json.dumps(res)):
+        assert "MNIST-M" not in text and "mnistm" not in text.replace('"mnistm_root": null', "")
+    ev = data_flags(all_data, out / "ev")
+    ev = [f for f in ev if f not in ("--mnistm-root", str(all_data["mnistm"]))]
+    code, stdout, _ = run_main(ev + ["--eval-only", "--checkpoint", str(out / "checkpoints" /
+                                                                         "usps-mnist_best_refined.pth")], capsys)
+    assert code == 0 and "pair=usps->mnist" in stdout
+    assert f"tgt_test_acc={res['runs'][0]['refine']['tgt_test_acc']:.4f}" in stdout
