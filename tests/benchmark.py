@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i:i + 2]
     if "--epochs" not in argv:
         argv += ["--epochs", "3"]
-    args = DANN.parse_args(argv)
+    if "--num-workers" not in argv:  # both paths run here, so the loader's workers are always meant
+        argv += ["--num-workers", str(min(4, os.cpu_count() or 1))]
+    args = DANN.parse_args([*argv, "--data-path", "loader"])
     if args.epochs < 2:
         sys.exit("benchmark.py: error: --epochs must be at least 2 (the first epoch is warm-up)")
     DANN.keep_freed_memory()

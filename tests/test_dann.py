@@ -110,7 +110,7 @@ def test_output_shapes_and_log_probabilities() -> None:
 
 def test_report_dropout_zeroes_whole_samples_and_is_identity_in_eval() -> None:
     torch.manual_seed(0)
-    drop = DANN.SampleDropout(0.5)
+    drop = DANN.LabelClassifier("sample").body[3]
     x = torch.ones(200, 100)
     out = drop(x)
     rows = out.unique(dim=0)
@@ -496,7 +496,7 @@ def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: 
 
 def test_per_domain_bn_statistics_equal_the_statistics_of_that_domains_images() -> None:
     torch.manual_seed(0)
-    ctx = DANN.Ctx(torch.device("cpu"), amp=False, channels_last=False, log=lambda s: None)
+    ctx = DANN.Ctx(torch.device("cpu"), amp=False, log=lambda s: None)
     model = DANN.DANN("element").eval()
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -539,7 +539,10 @@ def test_ema_update_arithmetic() -> None:
 def test_vat_direction_raises_the_kl_more_than_a_random_direction_and_leaves_bn_buffers_alone() -> None:
     torch.manual_seed(0)
     model = DANN.DANN("none")
-    DANN.set_train(model, dropout=False)  # as in refinement: batch statistics, no dropout noise
+    model.train()
+    for m in model.modules():  # as in refinement: batch statistics, no dropout noise
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
     x = torch.randn(32, 3, 32, 32)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     with DANN.bn_frozen(model):
@@ -887,7 +890,7 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
     def counting(model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
         seen.append(b.ys)
         return DANN.dann_objective(model, b, a)
-    ctx = DANN.Ctx(torch.device("cpu"), amp=False, channels_last=False, log=lambda s: None)
+    ctx = DANN.Ctx(torch.device("cpu"), amp=False, log=lambda s: None)
     phase = DANN.Phase("dann", counting, 2, 1e-3, unlabelled=True, ramp=True, select="last")
     hist, _, _ = DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
     assert len(hist) == 2 and len(seen) == 2 * (n_tgt // 16)
@@ -928,3 +931,19 @@ def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Pa
                                                                          "usps-mnist_best_refined.pth")], capsys)
     assert code == 0 and "pair=usps->mnist" in stdout
     assert f"tgt_test_acc={res['runs'][0]['refine']['tgt_test_acc']:.4f}" in stdout
+
+
+def test_both_mnistm_layouts_give_the_same_pad_and_the_same_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data_dir = make_mnist(tmp_path / "d")
+    runs = []
+    for layout in ("imagefolder", "original"):  # ImageFolder lists its test set class by class
+        fake = {"data_dir": data_dir, "mnistm": make_mnistm(tmp_path / layout, layout)}
+        flags = tiny_flags(fake, tmp_path / f"o_{layout}") + ["--no-plots", "--epochs", "2", "--refine-epochs", "1"]
+        assert run_main(flags, capsys)[0] == 0
+        runs.append(results(tmp_path / f"o_{layout}")["runs"][0])
+        args = DANN.parse_args(flags)
+        sample = DANN.TestSample.pick(DANN.load_data(args, 0, torch.device("cpu"), lambda s: None), 20, 0)
+        assert len(set(sample.y[sample.dom == 1].tolist())) >= 6  # a random subset, not the first (sorted) images
+    assert set(runs[0]["pad"]) >= {"raw_pixels", "source_only", "dann", "refine"}
+    assert runs[0]["pad"] == runs[1]["pad"]
+    assert runs[0]["dann"]["tgt_test_acc"] == runs[1]["dann"]["tgt_test_acc"]
