@@ -215,6 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("tsne_epochs" in given and any(not 0 < e <= args.epochs for e in args.tsne_epochs),
          f"--tsne-epochs must be adaptation epochs between 1 and --epochs ({args.epochs})"),
         (args.data_path == "device" and "num_workers" in given, "--num-workers is for --data-path loader"),
+        (args.no_plots and bool(given & {"tsne_epochs", "tsne_points"}), "--no-plots draws no t-SNE: drop --tsne-*"),
         (args.refine == "none" and bool(given & {"refine_epochs", "refine_lr", "ema_decay"}),
          "--refine-epochs, --refine-lr and --ema-decay need --refine pseudo or dirt-t"),
         ("pseudo_threshold" in given and args.refine != "pseudo", "--pseudo-threshold needs --refine pseudo"),

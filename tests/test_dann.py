@@ -748,6 +748,7 @@ def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default(
     (["--demo", "--vat-eps", "2"], "--vat-eps needs --refine dirt-t or --vada"),
     (["--demo", "--eval-only", "--checkpoint", "x.pth", "--epochs", "3"], "takes its settings from the checkpoint"),
     (["--demo", "--min-delta", "-1"], "--min-delta must be >= 0"),
+    (["--demo", "--no-plots", "--tsne-epochs", "2"], "--no-plots draws no t-SNE"),
     (["--demo", "--data-path", "device", "--num-workers", "2"], "--num-workers is for --data-path loader"),
     (["--demo", "--source", "usps"], "--demo brings its own data"),
     (["--target", "usps", "--protocol", "pooled"], "--protocol pooled is the report's MNIST-M protocol"),
