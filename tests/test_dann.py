@@ -259,8 +259,8 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path, fake_data: dict) -> 
 
 
 def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = run_main(["--demo", "--epochs", "2", "--refine-epochs", "1", "--tsne-points", "60", "--device", "cpu",
-                             "--out-dir", str(tmp_path)], capsys)
+    code, out, _ = run_main(["--demo", "--epochs", "2", "--refine-epochs", "1", "--tsne-points", "60",
+                             "--device", "cpu", "--out-dir", str(tmp_path)], capsys)
     assert code == 0
     assert "source_only: protocol=official" in out and "dann: protocol=official" in out
     res = results(tmp_path, "demo_")
