@@ -111,7 +111,7 @@ def main() -> None:
     for s, t in pairs:
         runs = []
         for d in done:
-            pre = "" if (s, t) == ("mnist", "mnistm") else f"{s}-{t}_"
+            pre = DANN.file_prefix(argparse.Namespace(demo=False, source=s, target=t))  # DANN.py's own file names
             f = d.get("out") and d["out"] / "checkpoints" / f"{pre}results.json"
             if d.get("pair") == f"{s}->{t}" and d["rc"] == 0 and f.exists():
                 runs.append(json.loads(f.read_text())["runs"][0])
