@@ -880,22 +880,27 @@ def strong_augment(x: torch.Tensor, shift: int = 3) -> torch.Tensor:
     return x * sign
 
 
+# Refinement's guard against self-harm, on label-free validation signals: back to the adapted model when refinement
+# cost over 5 points of source-val accuracy (it forgot the labelled task; a refinement that gained 9.6 target-val points
+# on MNIST -> USPS cost 2.2) or narrowed the predicted-class histogram on target val by over 0.1 nats.
+GUARD = {"src_val_acc": 0.05, "tgt_class_entropy": 0.1}
+
+
 class Refiner:
-    """Refinement learns from unlabelled target batches against a teacher: a frozen copy of the student taken at the
-    start of every epoch (DIRT-T's proximal teacher; one self-training round per epoch). The teacher normalises each
-    target batch with that batch's statistics, as the student does, and runs without dropout.
+    """Refinement learns from unlabelled target batches against a teacher: a frozen copy of the kept weights (the EMA)
+    taken at each epoch start, one self-training round per epoch (DIRT-T's proximal teacher). The phase runs in eval
+    mode (Phase.frozen): no dropout, and every BatchNorm of student and teacher normalises with clean target statistics
+    measured at each epoch start, as evaluation does; batch statistics would normalise augmented views by their own.
     'dirt-t': entropy + VAT + KL(teacher || student), DIRT-T's equal weights.
     'pseudo': cross-entropy on a strongly augmented view, against the teacher's label where it is confident."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self.teacher = kind, None
 
-    def epoch_start(self, model: DANN) -> None:
-        self.teacher = copy.deepcopy(model).eval()
-        for m in batchnorms(self.teacher):
-            m.train()
-            m.track_running_stats = False  # batch statistics, buffers untouched
-        self.teacher.requires_grad_(False)
+    def epoch_start(self, model: DANN, keep: DANN, data: Data, ctx: "Ctx") -> None:
+        self.teacher = copy.deepcopy(keep).eval().requires_grad_(False)
+        for m in (model, self.teacher):
+            m.load_state_dict(bn_stats(m, data.tgt.splits["train"][0], data.tgt.norm, ctx), strict=False)
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
         with torch.no_grad():
@@ -907,8 +912,7 @@ class Refiner:
             loss = (F.nll_loss(logp, label, reduction="none") * mask).mean()
             return {"loss": loss, "pseudo_loss": loss, "pseudo_rate": mask.mean()}
         logp = model.classify(b.xt)
-        with bn_frozen(model):
-            vat = vat_loss(model.classify, b.xt, logp, args.vat_eps)
+        vat = vat_loss(model.classify, b.xt, logp, args.vat_eps)  # eval mode: the buffers stay as they are
         ent, kl = entropy(logp), kl_div(t, logp)
         return {"loss": ent + vat + kl, "tgt_ent": ent, "tgt_vat": vat, "teacher_kl": kl}
 
@@ -954,7 +958,7 @@ class Phase:
     select: str = "src-val-loss"
     warmup: int = 0
     ema: float = 0.0  # > 0: keep an EMA of the weights; it is evaluated, selected and saved
-    dropout: bool = True
+    frozen: bool = False  # eval mode while training: no dropout, BatchNorm statistics fixed (refinement)
     method: str | None = None  # the adaptation method this phase trains or refines
     checkpoint: str = ""  # file stem of the phase's best weights
 
@@ -986,17 +990,6 @@ class EarlyStopping:
 BNStats = dict[str, torch.Tensor]
 
 
-@contextlib.contextmanager
-def using_bn(model: nn.Module, stats: BNStats | None) -> Iterator[None]:
-    """Evaluate with the given BatchNorm statistics (None: the model's own), then put the model's own back."""
-    saved = {k: v.clone() for k, v in model.state_dict().items() if k in (stats or {})}
-    model.load_state_dict(stats or {}, strict=False)
-    try:
-        yield
-    finally:
-        model.load_state_dict(saved, strict=False)
-
-
 @torch.no_grad()
 def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, n: int = BN_STATS_IMAGES,
              bs: int = 512) -> BNStats:
@@ -1023,14 +1016,16 @@ def predict(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, t
             bn: BNStats | None = None, bs: int = 4096) -> Any:
     """Eval-mode outputs for uint8 images in large batches: (class log-probs, domain log-probs), or with
     top=True the 100-d features under the label head. `bn`: that domain's BatchNorm statistics."""
+    if bn is not None:  # on a copy: the model keeps its own statistics
+        model = copy.deepcopy(model)
+        model.load_state_dict(bn, strict=False)
     was = model.training
     model.eval()
     outs = []
-    with using_bn(model, bn):
-        for c in x.split(bs):
-            with ctx.autocast():
-                xb = normalize(resize32(c.to(ctx.device)), norm)
-                outs.append(model.forward_top(xb)[1].float() if top else torch.cat([o.float() for o in model(xb)], 1))
+    for c in x.split(bs):
+        with ctx.autocast():
+            xb = normalize(resize32(c.to(ctx.device)), norm)
+            outs.append(model.forward_top(xb)[1].float() if top else torch.cat([o.float() for o in model(xb)], 1))
     model.train(was)
     out = torch.cat(outs)
     return out if top else (out[:, :10], out[:, 10:])
@@ -1043,21 +1038,18 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
     own = domain_bn(model, data, ctx, BN_STATS_EPOCH) if args.eval_bn == "domain" else None
     bn = own or {"src": None, "tgt": None}
     (x, y), (xt, yt) = data.src.splits["val"], data.tgt.splits["val"]
-    lp, dp = predict(model, x, data.src.norm, ctx, bn=bn["src"])
-    lpt, dpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])
+    lp = predict(model, x, data.src.norm, ctx, bn=bn["src"])[0]
+    lpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])[0]
     pm = lpt.exp().mean(0)
     marginal = -(pm * pm.clamp_min(1e-12).log()).sum()  # entropy of the predicted-class histogram
     ent = entropy(lpt)  # low = confident on the target
     m = {"src_val_loss": F.nll_loss(lp, y), "src_val_acc": accuracy(lp, y), "tgt_val_acc": accuracy(lpt, yt),
          "tgt_entropy": ent, "tgt_class_entropy": marginal}
-    if args.eval_bn == "domain":  # the report's blended running statistics, beside, so the effect is visible
-        lpt_b, dpt_b = predict(model, xt, data.tgt.norm, ctx)
-        m["tgt_val_acc_blended"] = accuracy(lpt_b, yt)
-        if phase.objective is dann_objective:
-            dp = predict(model, x, data.src.norm, ctx)[1]
-            dpt = dpt_b
-    if phase.objective is dann_objective:  # the domain head as trained: blended statistics
-        m["dom_acc"] = torch.cat([dp.argmax(1) == 0, dpt.argmax(1) == 1]).float().mean()
+    if own:  # the report's blended running statistics, beside, so the effect is visible
+        m["tgt_val_acc_blended"] = accuracy(predict(model, xt, data.tgt.norm, ctx)[0], yt)
+    if phase.objective is dann_objective:  # the domain head as trained: with the blended running statistics
+        ds, dt = predict(model, x, data.src.norm, ctx)[1], predict(model, xt, data.tgt.norm, ctx)[1]
+        m["dom_acc"] = torch.cat([ds.argmax(1) == 0, dt.argmax(1) == 1]).float().mean()
     if phase.labelled == "tgt":
         m["tgt_val_loss"] = F.nll_loss(lpt, yt)
     if student is not None:  # refinement: does the student still agree with the weights we keep?
@@ -1129,7 +1121,8 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
         sides[0] = Batches(*dom.splits["train"], dom.norm, args, ctx)
     if phase.unlabelled:
         sides[1] = Batches(*data.tgt.splits["train"], data.tgt.norm, args, ctx)
-    steps = max(b.n for b in sides if b is not None) // args.batch_size  # one pass over the larger domain
+    # An epoch is one pass over the pair's larger training domain in every phase: all phases count the same steps.
+    steps = max(len(dom.splits["train"][0]) for _, dom in data.domains()) // args.batch_size
     max_steps = phase.epochs * steps
     # The whole weight schedule lives on the device, so a step reads it without a host->device copy.
     lambdas = (lambda_schedule(torch.arange(max_steps, device=ctx.device) / max_steps, args.gamma) if phase.ramp
@@ -1171,12 +1164,9 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
         if finished:
             break
         t0 = time.time()
+        model.train(not phase.frozen)  # refinement: dropout would make the teacher's targets and VAT chase noise
         if hasattr(phase.objective, "epoch_start"):
-            phase.objective.epoch_start(model)
-        model.train()
-        for m in model.modules():  # refinement: a noisy student makes the teacher's targets and VAT chase noise
-            if isinstance(m, nn.modules.dropout._DropoutNd) and not phase.dropout:
-                m.eval()
+            phase.objective.epoch_start(model, keep, data, ctx)
         sums = None  # running sums stay on the device: no .item() in the loop, so the CPU queues kernels freely
         first_bad = torch.zeros((), device=ctx.device)  # 1 + the first step whose loss is not finite; 0 = none
         bar = tqdm(batches(), total=steps, desc=f"{phase.name} epoch {epoch}", leave=False,
@@ -1446,7 +1436,7 @@ def plan(args: argparse.Namespace) -> list[Phase]:
         if args.refine != "none":  # DANN's refinement is plain 'refine', the report's only method
             phases.append(Phase("refine" if m == "dann" else f"{m}_refine", Refiner(args.refine), args.refine_epochs,
                                 args.refine_lr, labelled="", unlabelled=True, select="last", ema=args.ema_decay,
-                                dropout=False, method=m,
+                                frozen=True, method=m,
                                 checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
     if args.oracle:
         phases.append(Phase("oracle", source_objective, args.epochs, args.lr, labelled="tgt", select="tgt-val-loss",
@@ -1515,9 +1505,10 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         t_phase = time.time()
         phase_resume = resume if resume is not None and resume["phase"] == phase.name and "model" in resume else None
         model = ctx.new_model(args.cls_dropout)
-        if isinstance(phase.objective, Refiner) and phase_resume is None:  # start from the adapted model as selected
-            start = next(p for p in phases if p.name == phase.method)
-            model.load_state_dict(load_checkpoint(out["checkpoints"] / f"{prefix}{start.checkpoint}.pth")["model"])
+        if isinstance(phase.objective, Refiner):  # it starts from the adapted model as selected
+            adapted = next(p for p in phases if p.name == phase.method)
+            adapted = load_checkpoint(out["checkpoints"] / f"{prefix}{adapted.checkpoint}.pth")["model"]
+            model.load_state_dict(adapted)
 
         def probe(epoch: int, m: DANN, bn: dict[str, BNStats] | None, name: str = phase.name) -> dict:
             """Per adaptation epoch: the proxy A-distance, and the t-SNE features of the chosen epochs."""
@@ -1530,6 +1521,15 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         hist, stop, model = fit(phase, model, data, args, ctx, phase_resume, {"seed": seed, "state": state}, point,
                                 probe)
         resume = None
+        if isinstance(phase.objective, Refiner):
+            start = next(h for h in state["hist"] if h["phase"] == phase.method and
+                         h["epoch"] == state["res"][phase.method]["best_epoch"])
+            why = next((k for k, drop in GUARD.items() if hist[-1][k] < start[k] - drop), "")  # '' = keep it
+            ctx.log(f"refine_guard: phase={phase.name} seed={seed} decision={'revert' if why else 'keep'} "
+                    f"signal={why or 'none'} " + " ".join(f"{k}={start[k]:.4f}->{hist[-1][k]:.4f}" for k in GUARD))
+            if why:  # back to the adapted model; results.json says best_epoch 0
+                model.load_state_dict(adapted)
+                stop.best_epoch = 0
         report_phase(phase, model, hist, stop, data, args, ctx, out, prefix, state, (pts, pad_pts), t_phase)
         state["done"].append(phase.name)
     point["snap"] = {"phase": "", "epoch": 0, "seed": seed, "state": copy.deepcopy(state)}

@@ -507,9 +507,11 @@ def test_per_domain_bn_statistics_equal_the_statistics_of_that_domains_images() 
     assert torch.allclose(stats["feat.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model keeps its own
     assert not model.training
-    with DANN.using_bn(model, stats):
-        assert torch.equal(model.feat[1].running_mean, stats["feat.1.running_mean"])
-    assert torch.equal(model.feat[1].running_mean, before["feat.1.running_mean"])
+    own = DANN.DANN("element").eval()
+    own.load_state_dict({**model.state_dict(), **stats})
+    assert torch.equal(DANN.predict(model, x, MNISTM_NORM, ctx, bn=stats)[0], DANN.predict(own, x, MNISTM_NORM, ctx)[0])
+    assert not torch.equal(DANN.predict(model, x, MNISTM_NORM, ctx)[0], DANN.predict(own, x, MNISTM_NORM, ctx)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # predict used a copy
 
 
 def test_entropy_and_kl_on_hand_made_distributions() -> None:
@@ -668,6 +670,52 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     code, stdout, _ = run_main(data_flags(fake_data, tmp_path / "ev") + [
         "--eval-only", "--checkpoint", str(out / "checkpoints" / "best_refined.pth")], capsys)
     assert code == 0 and f"tgt_test_acc={run['refine']['tgt_test_acc']:.4f}" in stdout
+
+
+def test_refinement_trains_with_the_batchnorm_statistics_evaluation_uses(tmp_path: Path, fake_data: dict,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = DANN.parse_args(tiny_flags(fake_data, tmp_path) + ["--no-amp", "--protocol", "official"])
+    ctx = DANN.make_ctx(args, lambda s: None)
+    data = DANN.load_data(args, 0, ctx.device, ctx.log)
+    phase = next(p for p in DANN.plan(args) if p.name == "refine")
+    start, step, gaps = DANN.Refiner.epoch_start, DANN.Refiner.__call__, []
+
+    def epoch_start(self: DANN.Refiner, model: DANN.DANN, *rest: object) -> None:
+        start(self, model, *rest)
+        self.first = True
+
+    def checked(self: DANN.Refiner, model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
+        if self.first:  # the weights are still those evaluation would see at this epoch's start
+            self.first = False
+            x, own = data.tgt.splits["val"][0], DANN.bn_stats(model, data.tgt.splits["train"][0], data.tgt.norm, ctx)
+            with torch.no_grad():
+                trained = model.classify(DANN.normalize(x, data.tgt.norm))
+            gaps.append((trained - DANN.predict(model, x, data.tgt.norm, ctx, bn=own)[0]).abs().max().item())
+            assert not any(m.training for m in DANN.batchnorms(model))  # augmented views too
+        return step(self, model, b, a)
+    monkeypatch.setattr(DANN.Refiner, "epoch_start", epoch_start)
+    monkeypatch.setattr(DANN.Refiner, "__call__", checked)
+    DANN.fit(phase, ctx.new_model(args.cls_dropout), data, args, ctx, None, {}, {})
+    assert len(gaps) == phase.epochs and max(gaps) < 1e-4
+
+
+@pytest.mark.parametrize("guard, decision", [({"src_val_acc": -1.0}, "revert"), ({"src_val_acc": 1.0}, "keep")])
+def test_the_refinement_guard_logs_its_decision_and_a_revert_keeps_the_adapted_model(
+        tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        guard: dict, decision: str) -> None:
+    monkeypatch.setattr(DANN, "GUARD", guard)  # -1: any refinement 'loses' accuracy; 1: none can
+    code, out, _ = run_main(tiny_flags(fake_data, tmp_path) + ["--no-plots", "--epochs", "2"], capsys)
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("refine_guard:"))
+    assert f"decision={decision} signal={'src_val_acc' if decision == 'revert' else 'none'}" in line
+    run = results(tmp_path)["runs"][0]
+    adapted = torch.load(tmp_path / "checkpoints" / "best_dann_final.pth", weights_only=True)["model"]
+    kept = torch.load(tmp_path / "checkpoints" / "best_refined.pth", weights_only=True)["model"]
+    same = all(torch.equal(adapted[k], kept[k]) for k in adapted)
+    assert same == (decision == "revert")
+    assert run["refine"]["best_epoch"] == (0 if decision == "revert" else 2)
+    if decision == "revert":
+        assert run["refine"]["tgt_test_acc"] == run["dann"]["tgt_test_acc"]
 
 
 def _relabelled(fake: dict, root: Path) -> dict:
@@ -888,7 +936,7 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
 
     def counting(model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
         seen.append(b.ys)
-        return DANN.dann_objective(model, b, a)
+        return (DANN.source_objective if b.xt is None else DANN.dann_objective)(model, b, a)
     ctx = DANN.Ctx(torch.device("cpu"), amp=False, log=lambda s: None)
     phase = DANN.Phase("dann", counting, 2, 1e-3, unlabelled=True, ramp=True, select="last")
     hist, _, _ = DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
@@ -897,6 +945,10 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
     labels = torch.cat(seen[: n_tgt // 16])
     counts = torch.bincount(labels, minlength=10)  # each source image shows up once per pass: balanced classes
     assert counts.max() - counts.min() <= len(labels) // 10 and len(seen) > 2 * per_pass
+    seen.clear()  # a phase that reads the smaller domain alone still runs the pair's epoch
+    phase = DANN.Phase("source_only", counting, 1, 1e-3, select="last")
+    DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
+    assert len(seen) == n_tgt // 16
 
 
 def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Path, all_data: dict,
