@@ -898,9 +898,9 @@ class Refiner:
         self.kind, self.teacher = kind, None
 
     def epoch_start(self, model: DANN, keep: DANN, data: Data, ctx: "Ctx") -> None:
-        self.teacher = copy.deepcopy(keep).eval().requires_grad_(False)
-        for m in (model, self.teacher):
+        for m in dict.fromkeys((model, keep)):  # the EMA gets statistics of its own weights, not the student's
             m.load_state_dict(bn_stats(m, data.tgt.splits["train"][0], data.tgt.norm, ctx), strict=False)
+        self.teacher = copy.deepcopy(keep).eval().requires_grad_(False)
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
         with torch.no_grad():
@@ -1101,11 +1101,10 @@ def load_checkpoint(path: Path) -> dict:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm buffers are copied as they are."""
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm buffers are left to refinement, which
+    measures the EMA's own at each epoch start."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
-    for e, p in zip(ema.buffers(), model.buffers()):
-        e.copy_(p)
 
 
 def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx, resume: dict | None,

@@ -85,8 +85,9 @@ def main() -> None:
         args = DANN.parse_args(flags + ["--seeds", *map(str, a.seeds), "--no-plots"])
         ctx = DANN.make_ctx(args, lambda s: None)
         data = DANN.load_data(args, seed, ctx.device, lambda s: None)
-        prefix = DANN.file_prefix(args) + (f"seed{seed}_" if len(a.seeds) > 1 else "")
-        start = DANN.load_checkpoint(a.run_dir / "checkpoints" / f"{prefix}best_dann_final.pth")
+        ck = a.run_dir / "checkpoints" / f"{DANN.file_prefix(args)}seed{seed}_best_dann_final.pth"  # a multi-seed run
+        ck = ck if ck.exists() else ck.with_name(f"{DANN.file_prefix(args)}best_dann_final.pth")
+        start = DANN.load_checkpoint(ck)
         phase = next(ph for ph in DANN.plan(args) if ph.name == "refine")
         for v in a.variants:
             DANN.set_seed(seed)

@@ -533,7 +533,7 @@ def test_ema_update_arithmetic() -> None:
         model.running_mean.fill_(7.0)
     DANN.ema_update(ema, model, 0.75)
     assert torch.allclose(ema.weight, torch.full((3,), 1.5))  # 0.75 * 1 + 0.25 * 3
-    assert torch.equal(ema.running_mean, model.running_mean)  # buffers are copied, not averaged
+    assert torch.equal(ema.running_mean, torch.zeros(3))  # buffers are refinement's business, not averaged
     DANN.ema_update(ema, model, 0.0)
     assert torch.equal(ema.weight, model.weight)
 
@@ -678,11 +678,12 @@ def test_refinement_trains_with_the_batchnorm_statistics_evaluation_uses(tmp_pat
     ctx = DANN.make_ctx(args, lambda s: None)
     data = DANN.load_data(args, 0, ctx.device, ctx.log)
     phase = next(p for p in DANN.plan(args) if p.name == "refine")
-    start, step, gaps = DANN.Refiner.epoch_start, DANN.Refiner.__call__, []
+    start, step, gaps, ema_own = DANN.Refiner.epoch_start, DANN.Refiner.__call__, [], {}
 
-    def epoch_start(self: DANN.Refiner, model: DANN.DANN, *rest: object) -> None:
-        start(self, model, *rest)
+    def epoch_start(self: DANN.Refiner, model: DANN.DANN, keep: DANN.DANN, *rest: object) -> None:
+        start(self, model, keep, *rest)
         self.first = True
+        ema_own.update(DANN.bn_stats(keep, data.tgt.splits["train"][0], data.tgt.norm, ctx))
 
     def checked(self: DANN.Refiner, model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
         if self.first:  # the weights are still those evaluation would see at this epoch's start
@@ -695,8 +696,10 @@ def test_refinement_trains_with_the_batchnorm_statistics_evaluation_uses(tmp_pat
         return step(self, model, b, a)
     monkeypatch.setattr(DANN.Refiner, "epoch_start", epoch_start)
     monkeypatch.setattr(DANN.Refiner, "__call__", checked)
-    DANN.fit(phase, ctx.new_model(args.cls_dropout), data, args, ctx, None, {}, {})
+    _, _, kept = DANN.fit(phase, ctx.new_model(args.cls_dropout), data, args, ctx, None, {}, {})
     assert len(gaps) == phase.epochs and max(gaps) < 1e-4
+    # the kept EMA carries statistics of its own weights (the blended column), not the student's
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in ema_own.items())
 
 
 @pytest.mark.parametrize("guard, decision", [({"src_val_acc": -1.0}, "revert"), ({"src_val_acc": 1.0}, "keep")])
@@ -728,9 +731,10 @@ def _relabelled(fake: dict, root: Path) -> dict:
     return {"data_dir": fake["data_dir"], "mnistm": root}
 
 
+@pytest.mark.parametrize("refine", ["pseudo", "dirt-t"])
 def test_adaptation_and_refinement_read_no_target_label(tmp_path: Path, fake_data: dict,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    flags = ["--protocol", "official", "--refine", "dirt-t", "--refine-epochs", "2", "--no-plots"]
+                                                        capsys: pytest.CaptureFixture, refine: str) -> None:
+    flags = ["--protocol", "official", "--refine", refine, "--refine-epochs", "2", "--no-plots"]
     rows = []
     for name, fake in (("a", fake_data), ("b", _relabelled(fake_data, tmp_path / "garbage"))):
         assert run_main(tiny_flags(fake, tmp_path / name) + flags, capsys)[0] == 0
