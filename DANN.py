@@ -727,7 +727,7 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @contextlib.contextmanager
 def bn_frozen(model: nn.Module) -> Iterator[None]:
     """Forward passes inside normalise with their own batch statistics (in train mode) but leave every BatchNorm
-    buffer untouched: perturbed (VAT) and teacher passes must not move the statistics the model is evaluated with."""
+    buffer untouched: VADA's perturbed (VAT) passes must not move the statistics the model is evaluated with."""
     bns = batchnorms(model)
     old = [m.track_running_stats for m in bns]
     for m in bns:
@@ -783,7 +783,7 @@ VAT_XI = 0.5
 def vat_loss(classify: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logp: torch.Tensor,
              eps: float) -> torch.Tensor:
     """Virtual adversarial training (Miyato et al.): the KL between the prediction at x and at the point within L2
-    radius eps where it changes most, found by one power iteration. Call inside bn_frozen()."""
+    radius eps where it changes most, found by one power iteration. In train mode, call inside bn_frozen()."""
     d = (VAT_XI * _unit(torch.randn_like(x))).requires_grad_()
     g, = torch.autograd.grad(kl_div(logp, classify(x + d)), d)
     return kl_div(logp, classify(x + eps * _unit(g.detach().float()).to(x.dtype)))
@@ -1038,18 +1038,19 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
     own = domain_bn(model, data, ctx, BN_STATS_EPOCH) if args.eval_bn == "domain" else None
     bn = own or {"src": None, "tgt": None}
     (x, y), (xt, yt) = data.src.splits["val"], data.tgt.splits["val"]
-    lp = predict(model, x, data.src.norm, ctx, bn=bn["src"])[0]
-    lpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])[0]
+    lp, dp = predict(model, x, data.src.norm, ctx, bn=bn["src"])
+    lpt, dpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])
     pm = lpt.exp().mean(0)
     marginal = -(pm * pm.clamp_min(1e-12).log()).sum()  # entropy of the predicted-class histogram
     ent = entropy(lpt)  # low = confident on the target
     m = {"src_val_loss": F.nll_loss(lp, y), "src_val_acc": accuracy(lp, y), "tgt_val_acc": accuracy(lpt, yt),
          "tgt_entropy": ent, "tgt_class_entropy": marginal}
     if own:  # the report's blended running statistics, beside, so the effect is visible
-        m["tgt_val_acc_blended"] = accuracy(predict(model, xt, data.tgt.norm, ctx)[0], yt)
+        lpt_b, dpt = predict(model, xt, data.tgt.norm, ctx)
+        m["tgt_val_acc_blended"] = accuracy(lpt_b, yt)
+        dp = predict(model, x, data.src.norm, ctx)[1] if phase.objective is dann_objective else dp
     if phase.objective is dann_objective:  # the domain head as trained: with the blended running statistics
-        ds, dt = predict(model, x, data.src.norm, ctx)[1], predict(model, xt, data.tgt.norm, ctx)[1]
-        m["dom_acc"] = torch.cat([ds.argmax(1) == 0, dt.argmax(1) == 1]).float().mean()
+        m["dom_acc"] = torch.cat([dp.argmax(1) == 0, dpt.argmax(1) == 1]).float().mean()
     if phase.labelled == "tgt":
         m["tgt_val_loss"] = F.nll_loss(lpt, yt)
     if student is not None:  # refinement: does the student still agree with the weights we keep?
@@ -1505,8 +1506,8 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         phase_resume = resume if resume is not None and resume["phase"] == phase.name and "model" in resume else None
         model = ctx.new_model(args.cls_dropout)
         if isinstance(phase.objective, Refiner):  # it starts from the adapted model as selected
-            adapted = next(p for p in phases if p.name == phase.method)
-            adapted = load_checkpoint(out["checkpoints"] / f"{prefix}{adapted.checkpoint}.pth")["model"]
+            method = next(p for p in phases if p.name == phase.method)
+            adapted = load_checkpoint(out["checkpoints"] / f"{prefix}{method.checkpoint}.pth")["model"]
             model.load_state_dict(adapted)
 
         def probe(epoch: int, m: DANN, bn: dict[str, BNStats] | None, name: str = phase.name) -> dict:
