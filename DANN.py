@@ -2,9 +2,9 @@
 """DANN.py: Domain-Adversarial Neural Networks (Ganin & Lempitsky, 2015) and what came after, on the digit benchmarks.
 
 Any of MNIST, MNIST-M, USPS and SVHN is the labelled source or the unlabelled target. One loop trains a source-only
-baseline, an adapted model (DANN, or MMD / CORAL), a label-free refinement and, on request, the train-on-target
-ceiling; picks models without target labels; writes metrics, checkpoints, t-SNE plots, the proxy A-distance, a
-comparison table and a report page. Target labels are read only to *report* (and by the opt-in --oracle).
+baseline, adapted models (DANN, CDAN, CDAN+E, MMD, CORAL), a label-free refinement and, on request, the
+train-on-target ceiling; picks models without target labels; writes metrics, checkpoints, t-SNE plots, the proxy
+A-distance, a comparison table and a report page. Target labels are read only to *report* (and by the --oracle).
 
 Headline results (measured; README has every table and command): target test %, official protocol, mean +- std over
 seeds 1-3, a 2-core AMD EPYC CPU, bf16, a reduced schedule (5 epochs per phase, 3 of refinement, --oracle):
@@ -68,7 +68,9 @@ DEMO_DEFAULTS = dict(batch_size=64, epochs=60, warmup_epochs=5, patience=10, ref
 DOMAINS = {"mnist": "MNIST", "mnistm": "MNIST-M", "usps": "USPS", "svhn": "SVHN"}  # --source/--target: display name
 REPORT_NORM = {"mnist": (0.1307, 0.3081)}  # the report's transforms; every other domain 0.5/0.5
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
-METHODS = ("dann", "mmd", "coral")
+METHODS = ("dann", "cdan", "cdan-e", "mmd", "coral")
+# Each method's alpha, chosen on target validation from one grid per method (README, "Tuning"); --dom-weight overrides.
+METHOD_WEIGHTS = {"dann": 1.0, "cdan": 1.0, "cdan-e": 1.0, "mmd": 10.0, "coral": 10.0}
 # Unlabelled train images per domain behind each domain's BatchNorm statistics: for the final evaluation, and for the
 # per-epoch validation (one batch, so the per-epoch cost stays small next to an epoch of training).
 BN_STATS_IMAGES, BN_STATS_EPOCH = 8192, 512
@@ -115,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["report"].items() if RECIPES["best"][k] != v))
     t.add_argument("--recipe", choices=sorted(RECIPES), default="best",
                    help="'report' = the report exactly; 'best' = departures validated on target val; flags win")
-    t.add_argument("--method", choices=METHODS, nargs="+", default=["dann"],
-                   help="adaptation objectives, each from scratch; mmd and coral align the 100-d label-head features")
+    t.add_argument("--method", choices=METHODS, nargs="+", default=["dann"], help="adaptation objectives, each from "
+                   "scratch; cdan-e = CDAN with entropy weights; mmd and coral align the 1,250-d extractor output")
     t.add_argument("--epochs", type=int, default=50,
                    help="max epochs per phase; an epoch is one pass over the larger training domain")
     t.add_argument("--batch-size", type=int, help="images per domain per step")
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help="weight decay")
     t.add_argument("--lr-schedule", choices=["constant", "anneal"], help="anneal: the paper's lr / (1 + 10 p)^0.75")
     t.add_argument("--gamma", type=float, default=10.0, help="adaptation-weight schedule steepness, >= 0")
-    t.add_argument("--dom-weight", type=float, default=1.0, help="alpha in L_y + alpha*L_align for every method")
+    t.add_argument("--dom-weight", type=float, help="alpha in L_y + alpha*L_align for every method; None = each "
+                   "method's own: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_WEIGHTS.items()))
     t.add_argument("--bn", choices=["separate", "concat"], help="source and target in separate forward passes or one")
     t.add_argument("--cls-dropout", choices=["sample", "element", "none"],
                    help="label-head dropout: sample = the report's, which drops whole samples; element = nn.Dropout")
@@ -163,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", type=Path, metavar="PATH", help="continue from the 'last.pth' an interrupted run wrote")
     o.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test sets, no training")
     o.add_argument("--checkpoint", type=Path, metavar="PATH", help="checkpoint for --eval-only")
-    o.add_argument("--tsne", action="store_true", help="with --eval-only: also redraw the t-SNE plot")
     return p
 
 
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 # t-SNE switches all that --eval-only reads (the checkpoint decides everything about training).
 PLACE_FLAGS = {"mnistm_root", "data_dir", "cache_dir", "skip_bad_images", "offline", "data_path", "num_workers",
                "device", "no_amp", "deterministic", "out_dir", "resume", "no_plots", "tsne_points"}
-EVAL_FLAGS = PLACE_FLAGS - {"resume", "no_plots"} | {"eval_only", "checkpoint", "demo", "tsne"}
+EVAL_FLAGS = PLACE_FLAGS - {"resume", "no_plots", "tsne_points"} | {"eval_only", "checkpoint", "demo"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -207,7 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         *[(getattr(args, k) <= 0, f"--{k.replace('_', '-')} must be positive")
           for k in ("epochs", "batch_size", "patience", "lr", "refine_lr", "refine_epochs")],
         *[(getattr(args, k) < 0, f"--{k.replace('_', '-')} must be >= 0")
-          for k in ("gamma", "warmup_epochs", "min_delta", "dom_weight", "num_workers", "vat_eps")],
+          for k in ("gamma", "warmup_epochs", "min_delta", "num_workers", "vat_eps")],
+        (args.dom_weight is not None and args.dom_weight < 0, "--dom-weight must be >= 0"),
         (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (not 0 < args.pseudo_threshold < 1, "--pseudo-threshold must be in (0, 1)"),
         (args.vada and "dann" not in args.method, "--vada adds to DANN: use it with --method dann"),
@@ -221,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("pseudo_threshold" in given and args.refine != "pseudo", "--pseudo-threshold needs --refine pseudo"),
         ("vat_eps" in given and args.refine != "dirt-t" and not args.vada, "--vat-eps needs --refine dirt-t or --vada"),
         (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
-        (not args.eval_only and bool(given & {"checkpoint", "tsne"}), "--checkpoint and --tsne go with --eval-only"),
+        (not args.eval_only and "checkpoint" in given, "--checkpoint goes with --eval-only"),
         (args.eval_only and bool(given - EVAL_FLAGS), "--eval-only takes its settings from the checkpoint; drop " +
          " ".join(sorted(f"--{k.replace('_', '-')}" for k in given - EVAL_FLAGS))),
     ]
@@ -384,13 +387,9 @@ def _read_rgb32(path: Path) -> tuple[np.ndarray | None, bool]:
     """Decode one image as 32x32 RGB; returns (pixels or None if unreadable, whether it needed converting)."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as im:  # resize() to the size it has already is a plain copy
             fixed = im.mode != "RGB" or im.size != (32, 32)
-            im = im.convert("RGB")
-            if im.size != (32, 32):
-                im = im.resize((32, 32), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), fixed
+            return np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.uint8), fixed
     except Exception:  # noqa: BLE001 - PIL raises many types for broken files
         return None, False
 
@@ -627,8 +626,8 @@ class Batches:
         else:
             self.loader = torch.utils.data.DataLoader(
                 ReportDataset(x, y, norm), batch_size=self.bs, shuffle=True, drop_last=True,
-                num_workers=args.num_workers,
-                pin_memory=ctx.device.type == "cuda", persistent_workers=args.num_workers > 0)
+                num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
+                persistent_workers=args.num_workers > 0)
 
     def epoch(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dev = self.ctx.device
@@ -660,12 +659,10 @@ class GradReverse(torch.autograd.Function):
         return grad * -ctx.lambd, None
 
 
-def lambda_schedule(p: float | torch.Tensor, gamma: float) -> float | torch.Tensor:
+def lambda_schedule(p: float | torch.Tensor, gamma: float) -> torch.Tensor:
     """Ganin's lambda(p) = 2 / (1 + exp(-gamma p)) - 1: 0 at p=0 so the random domain head cannot disturb early
     features, approaching 1 as p -> 1 (0.987 at p=0.5 for gamma=10). MMD and CORAL use it as their weight ramp."""
-    if isinstance(p, torch.Tensor):
-        return 2 / (1 + torch.exp(-gamma * p)) - 1
-    return 2 / (1 + math.exp(-gamma * p)) - 1
+    return 2 / (1 + torch.exp(-gamma * torch.as_tensor(p))) - 1
 
 
 class FeatureExtractor(nn.Sequential):
@@ -676,7 +673,7 @@ class FeatureExtractor(nn.Sequential):
 
 
 class LabelClassifier(nn.Module):
-    """The report's label head, as `body` (1250 -> the 100-d features that t-SNE, PAD, MMD and CORAL read) and `out`
+    """The report's label head, as `body` (1250 -> the 100-d features that t-SNE and PAD read) and `out`
     (100 -> 10 log-probabilities)."""
 
     def __init__(self, dropout: str = "sample") -> None:
@@ -711,13 +708,13 @@ class DANN(nn.Module):
         f = self.feat(x)
         return self.label(f), self.domain(f, lambd)
 
-    def forward_top(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class log-probs, the 100-d label-head features they come from); the domain head is not run."""
-        h = self.label.body(self.feat(x))
-        return self.label.out(h), h
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class log-probs, the 1,250-d extractor output): where the domain head, CDAN, MMD and CORAL read."""
+        f = self.feat(x)
+        return self.label(f), f
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_top(x)[0]
+        return self.label(self.feat(x))
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -728,15 +725,13 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def bn_frozen(model: nn.Module) -> Iterator[None]:
     """Forward passes inside normalise with their own batch statistics (in train mode) but leave every BatchNorm
     buffer untouched: VADA's perturbed (VAT) passes must not move the statistics the model is evaluated with."""
-    bns = batchnorms(model)
-    old = [m.track_running_stats for m in bns]
-    for m in bns:
+    for m in batchnorms(model):
         m.track_running_stats = False
     try:
         yield
     finally:
-        for m, o in zip(bns, old):
-            m.track_running_stats = o
+        for m in batchnorms(model):
+            m.track_running_stats = True  # every BatchNorm here tracks them
 
 
 # ==== Objectives: one step's batches -> named losses ==================================================
@@ -750,6 +745,7 @@ class Batch:
     ys: torch.Tensor | None
     xt: torch.Tensor | None  # unlabelled target images: the loop drops their labels before building a Batch
     lam: torch.Tensor | float  # adaptation weight from lambda(p), 0 -> 1
+    w: float = 1.0  # the method's alpha (METHOD_WEIGHTS, or --dom-weight)
 
 
 Losses = dict[str, torch.Tensor]
@@ -810,22 +806,51 @@ def source_objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
 VADA_SRC_VAT, VADA_TGT = 1.0, 1e-2
 
 
-def dann_objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-    """L_y + alpha * L_d. The GRL between features and domain head applies -lambda on the way back, so one backward
-    pass trains the domain head to separate the domains and the features to confuse it."""
-    (logp_s, d_s), (logp_t, d_t) = both_domains(lambda x: model(x, b.lam), b.xs, b.xt, args.bn)
-    loss_y = F.nll_loss(logp_s, b.ys)
-    loss_d = (F.nll_loss(d_s, torch.zeros_like(b.ys)) +  # domain 0 = source, 1 = target
-              F.nll_loss(d_t, torch.ones(len(b.xt), dtype=torch.long, device=b.xt.device)))
-    out = {"cls_loss": loss_y, "dom_loss": loss_d, "src_acc": accuracy(logp_s, b.ys)}
-    loss = loss_y + args.dom_weight * loss_d
-    if args.vada:  # VADA (Shu et al. 2018): confident target predictions that are locally smooth in both domains
-        with bn_frozen(model):
-            out["src_vat"] = vat_loss(model.classify, b.xs, logp_s, args.vat_eps)
-            out["tgt_vat"] = vat_loss(model.classify, b.xt, logp_t, args.vat_eps)
-        out["tgt_ent"] = entropy(logp_t)
-        loss = loss + VADA_SRC_VAT * out["src_vat"] + VADA_TGT * (out["tgt_ent"] + out["tgt_vat"])
-    return {"loss": loss, **out}
+def multilinear(f: torch.Tensor, p: torch.Tensor, rf: torch.Tensor, rp: torch.Tensor) -> torch.Tensor:
+    """CDAN's randomised multilinear map of features f and class probabilities p, (R_f f) * (R_p p) / sqrt(d): its
+    inner products equal those of the outer products f (x) p in expectation when R's entries are N(0, 1) (Long et al.
+    2018, eq. 7), at d values instead of d_f * d_p."""
+    return (f @ rf) * (p @ rp) / math.sqrt(rf.shape[1])
+
+
+class Adversarial:
+    """L_y + alpha * L_d, the domain head behind the GRL, which applies -lambda on the way back: one backward pass
+    trains the head to separate the domains and the features to confuse it. What the head reads:
+    'dann' the 1,250-d features; 'cdan' and 'cdan-e' (Long et al., NeurIPS 2018) their multilinear map with the
+    *detached* class probabilities, so the domains are told apart class by class. 1,250 x 10 exceeds the paper's 4,096
+    limit, so the map is the randomised one, 1,250 wide: the same head as DANN's. CDAN+E weights each example by
+    1 + e^-H(p) (mean 1 over the step): confident, transferable examples count more."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.proj = kind, None
+
+    def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
+        (logp_s, f_s), (logp_t, f_t) = both_domains(model.features, b.xs, b.xt, args.bn)
+        z_s, z_t = f_s, f_t
+        if self.kind != "dann":
+            if self.proj is None or self.proj[0].device != f_s.device:  # one fixed draw, from its own generator
+                g = torch.Generator().manual_seed(0)
+                self.proj = tuple(torch.randn(n, 1250, generator=g).to(f_s.device) for n in (1250, 10))
+            z_s, z_t = (multilinear(f, lp.detach().float().exp().to(f.dtype), *self.proj)
+                        for f, lp in ((f_s, logp_s), (f_t, logp_t)))
+        (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn)
+        n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
+        dom = torch.arange(2, device=d_s.device).repeat_interleave(n)
+        nll = F.nll_loss(torch.cat([d_s, d_t]), dom, reduction="none")
+        if self.kind == "cdan-e":
+            lp = torch.cat([logp_s, logp_t]).detach().float()
+            w = 1 + torch.exp((lp.exp() * lp).sum(1))  # 1 + e^-H(p)
+            nll = nll * w / w.mean()
+        loss_y, loss_d = F.nll_loss(logp_s, b.ys), nll[:n].mean() + nll[n:].mean()
+        out = {"cls_loss": loss_y, "dom_loss": loss_d, "src_acc": accuracy(logp_s, b.ys)}
+        loss = loss_y + b.w * loss_d
+        if args.vada and self.kind == "dann":  # VADA (Shu et al. 2018): confident, locally smooth predictions
+            with bn_frozen(model):
+                out["src_vat"] = vat_loss(model.classify, b.xs, logp_s, args.vat_eps)
+                out["tgt_vat"] = vat_loss(model.classify, b.xt, logp_t, args.vat_eps)
+            out["tgt_ent"] = entropy(logp_t)
+            loss = loss + VADA_SRC_VAT * out["src_vat"] + VADA_TGT * (out["tgt_ent"] + out["tgt_vat"])
+        return {"loss": loss, **out}
 
 
 def coral(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
@@ -852,25 +877,27 @@ def mmd(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
 
 
 def align_objective(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., Losses]:
-    """L_y + alpha * lambda(p) * distance(source, target) on the 100-d label-head features; no domain head."""
+    """L_y + alpha * lambda(p) * distance(source, target) on the 1,250-d extractor output, where DANN's domain head
+    reads; no domain head. (The 100-d label-head features sit behind a BatchNorm that, in separate passes, has already
+    standardised each domain on its own: there CORAL's diagonal and most of MMD's mean term vanish by construction.)"""
     def objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, h_s), (_, h_t) = both_domains(model.forward_top, b.xs, b.xt, args.bn)
-        loss_y, loss_a = F.nll_loss(logp_s, b.ys), distance(h_s, h_t)
-        return {"loss": loss_y + args.dom_weight * b.lam * loss_a, "cls_loss": loss_y, "align_loss": loss_a,
+        (logp_s, f_s), (_, f_t) = both_domains(model.features, b.xs, b.xt, args.bn)
+        loss_y, loss_a = F.nll_loss(logp_s, b.ys), distance(f_s, f_t)
+        return {"loss": loss_y + b.w * b.lam * loss_a, "cls_loss": loss_y, "align_loss": loss_a,
                 "src_acc": accuracy(logp_s, b.ys)}
     return objective
 
 
 OBJECTIVES: dict[str, Callable[..., Losses]] = {
-    "dann": dann_objective, "mmd": align_objective(mmd), "coral": align_objective(coral)}
+    **{m: Adversarial(m) for m in ("dann", "cdan", "cdan-e")}, "mmd": align_objective(mmd),
+    "coral": align_objective(coral)}
 
 
 def strong_augment(x: torch.Tensor, shift: int = 3) -> torch.Tensor:
     """Label-preserving, per image: a shift of up to `shift` pixels, a random channel order, and a sign flip (an
     inverted image for inputs normalised around 0). MNIST-M's digits come in any colour on any background."""
     n = len(x)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
     theta[:, :, 2] = torch.randint(-shift, shift + 1, (n, 2), device=x.device) * 2 / x.shape[-1]
     x = F.grid_sample(x.float(), F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border",
                       align_corners=False)
@@ -922,11 +949,9 @@ class Refiner:
 def cpu_has_native_bf16() -> bool:
     """torch's own CPU capability query: AVX512-BF16 or AMX tiles run bf16 in hardware. Elsewhere bf16 is emulated and
     slower than fp32, so autocast stays off. (Private helpers; older torch without them answers False.)"""
-    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    try:
-        return any(bool(c()) for c in checks if c is not None)
-    except Exception:  # noqa: BLE001 - a failing probe means: don't rely on it
-        return False
+    with contextlib.suppress(Exception):  # a failing probe means: don't rely on it
+        return any(bool(getattr(torch.cpu, f"_is_{n}_supported", lambda: False)()) for n in ("avx512_bf16", "amx_tile"))
+    return False
 
 
 @dataclass
@@ -947,13 +972,14 @@ class Ctx:
 @dataclass
 class Phase:
     """What one training phase optimises and how it picks its model; `fit` does the rest."""
-    name: str  # metrics.csv's 'phase' column: source_only, dann, mmd, coral, refine, oracle
+    name: str  # metrics.csv's 'phase' column: source_only, a method (dann, cdan, ...), refine, oracle
     objective: Callable[..., Losses]
     epochs: int
     lr: float
     labelled: str = "src"  # labelled batches from 'src', from 'tgt' (the oracle: reads target labels), or ''
     unlabelled: bool = False  # also zip in unlabelled target-train batches
     ramp: bool = False  # the adaptation weight follows lambda(p) (else 1)
+    weight: float = 1.0  # the method's alpha
     lr_schedule: str = "constant"
     select: str = "src-val-loss"
     warmup: int = 0
@@ -1016,17 +1042,15 @@ def predict(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, t
             bn: BNStats | None = None, bs: int = 4096) -> Any:
     """Eval-mode outputs for uint8 images in large batches: (class log-probs, domain log-probs), or with
     top=True the 100-d features under the label head. `bn`: that domain's BatchNorm statistics."""
-    if bn is not None:  # on a copy: the model keeps its own statistics
-        model = copy.deepcopy(model)
+    model = copy.deepcopy(model).eval()  # a copy: the model keeps its mode and its own statistics
+    if bn is not None:
         model.load_state_dict(bn, strict=False)
-    was = model.training
-    model.eval()
     outs = []
     for c in x.split(bs):
         with ctx.autocast():
             xb = normalize(resize32(c.to(ctx.device)), norm)
-            outs.append(model.forward_top(xb)[1].float() if top else torch.cat([o.float() for o in model(xb)], 1))
-    model.train(was)
+            out = model.label.body(model.feat(xb)) if top else torch.cat(model(xb), 1)
+            outs.append(out.float())
     out = torch.cat(outs)
     return out if top else (out[:, :10], out[:, 10:])
 
@@ -1042,14 +1066,13 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
     lpt, dpt = predict(model, xt, data.tgt.norm, ctx, bn=bn["tgt"])
     pm = lpt.exp().mean(0)
     marginal = -(pm * pm.clamp_min(1e-12).log()).sum()  # entropy of the predicted-class histogram
-    ent = entropy(lpt)  # low = confident on the target
     m = {"src_val_loss": F.nll_loss(lp, y), "src_val_acc": accuracy(lp, y), "tgt_val_acc": accuracy(lpt, yt),
-         "tgt_entropy": ent, "tgt_class_entropy": marginal}
+         "tgt_entropy": entropy(lpt), "tgt_class_entropy": marginal}  # tgt_entropy: low = confident on the target
     if own:  # the report's blended running statistics, beside, so the effect is visible
         lpt_b, dpt = predict(model, xt, data.tgt.norm, ctx)
         m["tgt_val_acc_blended"] = accuracy(lpt_b, yt)
-        dp = predict(model, x, data.src.norm, ctx)[1] if phase.objective is dann_objective else dp
-    if phase.objective is dann_objective:  # the domain head as trained: with the blended running statistics
+        dp = predict(model, x, data.src.norm, ctx)[1] if phase.name == "dann" else dp
+    if phase.name == "dann":  # the domain head as trained: with the blended running statistics
         m["dom_acc"] = torch.cat([dp.argmax(1) == 0, dpt.argmax(1) == 1]).float().mean()
     if phase.labelled == "tgt":
         m["tgt_val_loss"] = F.nll_loss(lpt, yt)
@@ -1062,11 +1085,11 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float,
                    device: torch.device) -> torch.optim.Optimizer:
     fast = {"fused": True} if device.type == "cuda" else {}  # one kernel per step instead of one per tensor
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]
-    extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
+    kw = dict(lr=lr, weight_decay=args.weight_decay, **({"momentum": 0.9} if args.optimizer == "sgd" else {}))
     try:
-        return cls(model.parameters(), lr=lr, weight_decay=args.weight_decay, **extra, **fast)
+        return cls(model.parameters(), **kw, **fast)
     except (RuntimeError, TypeError):  # older torch without a fused kernel for this optimiser
-        return cls(model.parameters(), lr=lr, weight_decay=args.weight_decay, **extra)
+        return cls(model.parameters(), **kw)
 
 
 def lr_at(phase: Phase, p: float) -> float:
@@ -1092,11 +1115,10 @@ def load_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(ck, dict) and str(ck.get("format", "")).startswith("dann.py/") and ck["format"] != CKPT_FORMAT:
-        raise UserError(f"{path} was written by an older DANN.py ({ck['format']}, this one reads {CKPT_FORMAT}); "
-                        "train it again with this version")
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
-        raise UserError(f"{path} is not a DANN.py checkpoint")
+    fmt = str(ck.get("format", "")) if isinstance(ck, dict) else ""
+    if fmt != CKPT_FORMAT:
+        raise UserError(f"{path} was written by an older DANN.py ({fmt}, this one reads {CKPT_FORMAT}); train it again "
+                        "with this version" if fmt.startswith("dann.py/") else f"{path} is not a DANN.py checkpoint")
     return ck
 
 
@@ -1115,12 +1137,9 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
     Target batches reach the objective as images only: their labels are dropped here. After every epoch
     point['snap'] holds everything a resumed run needs (the caller saves it on Ctrl-C or a NaN)."""
     opt = make_optimizer(model, args, phase.lr, ctx.device)
-    sides: list[Batches | None] = [None, None]  # [labelled, unlabelled target]
-    if phase.labelled:
-        dom = data.src if phase.labelled == "src" else data.tgt
-        sides[0] = Batches(*dom.splits["train"], dom.norm, args, ctx)
-    if phase.unlabelled:
-        sides[1] = Batches(*data.tgt.splits["train"], data.tgt.norm, args, ctx)
+    labelled = {"src": data.src, "tgt": data.tgt}.get(phase.labelled)  # 'tgt': the oracle, on target labels
+    sides = [Batches(*d.splits["train"], d.norm, args, ctx) if d else None
+             for d in (labelled, data.tgt if phase.unlabelled else None)]  # labelled, unlabelled target
     # An epoch is one pass over the pair's larger training domain in every phase: all phases count the same steps.
     steps = max(len(dom.splits["train"][0]) for _, dom in data.domains()) // args.batch_size
     max_steps = phase.epochs * steps
@@ -1151,12 +1170,8 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
                     **({"ema": copy.deepcopy(ema.state_dict())} if ema is not None else {}), **copy.deepcopy(extra))
 
     def batches() -> Iterator[Batch]:
-        labelled = sides[0].epoch(steps) if sides[0] else None
-        unlabelled = sides[1].epoch(steps) if sides[1] else None
-        for _ in range(steps):
-            xs, ys = next(labelled) if labelled else (None, None)
-            xt = next(unlabelled)[0] if unlabelled else None  # the target labels stop here
-            yield Batch(xs, ys, xt, 0.0)
+        for (xs, ys), (xt, _) in zip(*[s.epoch(steps) if s else [(None, None)] * steps for s in sides]):
+            yield Batch(xs, ys, xt, 0.0, phase.weight)  # the target labels stop here
 
     point["snap"] = snapshot(start, finished)
     names: list[str] = []
@@ -1194,8 +1209,8 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
         if vals[len(names)] > 0:
             raise FloatingPointError(f"epoch {epoch}, step {int(vals[len(names)])}")
         p_end = (epoch * steps - 1) / max_steps  # schedule position of the epoch's last step
-        row = {"phase": phase.name, "epoch": epoch, "lambda": lambda_schedule(p_end, args.gamma) if phase.ramp else
-               (1.0 if phase.unlabelled else 0.0), "lr": lr_at(phase, p_end)}
+        lam = lambda_schedule(p_end, args.gamma).item() if phase.ramp else float(phase.unlabelled)
+        row = {"phase": phase.name, "epoch": epoch, "lambda": lam, "lr": lr_at(phase, p_end)}
         row.update({k: v / steps for k, v in zip(names, vals)})
         row.update(zip(m, vals[len(names) + 1:]))
         if on_epoch is not None:  # the caller's per-epoch extras (proxy A-distance, t-SNE features)
@@ -1203,9 +1218,6 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
         row["time_s"] = time.time() - t0
         history.append(row)
         ctx.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if phase.ema and row["tgt_class_entropy"] < 0.9 * math.log(10):
-            ctx.log(f"warning: {phase.name} epoch {epoch}: the predicted-class histogram is collapsing "
-                    f"(tgt_class_entropy={row['tgt_class_entropy']:.3f}, uniform = {math.log(10):.3f})")
         stop = False
         if phase.select != "last":  # 'last' compares nothing and never stops: the final epoch is the choice
             crit = {"src-val-loss": row["src_val_loss"], "tgt-entropy": row["tgt_entropy"],
@@ -1281,14 +1293,13 @@ class TestSample:
     @staticmethod
     def pick(data: Data, per_domain: int, seed: int) -> "TestSample":
         g = torch.Generator().manual_seed(seed)
-        xs, ys, doms = [], [], []
-        for d, (_, dom) in enumerate(data.domains()):
+        xs, ys = [], []
+        for _, dom in data.domains():
             x, y = dom.splits["test"]
             idx = torch.randperm(len(x), generator=g)[:per_domain]
             xs.append(x[idx.to(x.device)])
             ys.append(y[idx.to(y.device)].cpu())
-            doms.append(torch.full((len(idx),), d))
-        return TestSample(xs, torch.cat(ys).numpy(), torch.cat(doms).numpy())
+        return TestSample(xs, torch.cat(ys).numpy(), np.repeat([0, 1], [len(x) for x in xs]))
 
     def features(self, model: DANN, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None) -> list[torch.Tensor]:
         """100-d label-head features per domain (on the host), each with the statistics it is evaluated with."""
@@ -1346,8 +1357,7 @@ def plot_tsne(panels: list[tuple[str, np.ndarray]], pts: TestSample, path: Path,
             ax.scatter(*emb[sel].T, s=8, c=[cmap(c) for c in pts.y[sel]], marker=marker, alpha=0.7, linewidths=0.8)
         ax.set_title(f"{title}: by digit (o source, x target)" if domains else title, fontsize=9)
     for ax in fig.axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     handles = [plt.Line2D([], [], ls="", marker="s", color=cmap(c), label=str(c)) for c in range(10)]
     handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab)
                 for m, lab in (("o", "source"), ("x", "target"))]
@@ -1382,8 +1392,7 @@ def plot_curves(hist: list[dict], base_hist: list[dict], path: Path) -> None:
         ax[1].plot([h["epoch"] for h in base_hist], [h["src_val_acc"] for h in base_hist], "--",
                    label="source-only, source val acc")
     for a, t in zip(ax, ("losses", "accuracies", "schedules")):
-        a.set_xlabel("epoch")
-        a.set_title(t)
+        a.set(xlabel="epoch", title=t)
         a.legend(fontsize=7)
     _save_fig(fig, path)
 
@@ -1431,8 +1440,10 @@ def plan(args: argparse.Namespace) -> list[Phase]:
     phases = [] if args.no_baseline else [
         Phase("source_only", source_objective, args.epochs, args.lr, checkpoint="best_source_only", **base)]
     for m in args.method:
-        phases.append(Phase(m, OBJECTIVES[m], args.epochs, args.lr, unlabelled=True, ramp=True, select=args.select,
-                            warmup=args.warmup_epochs, method=m, checkpoint=f"best_{m}_final", **base))
+        weight = METHOD_WEIGHTS[m] if args.dom_weight is None else args.dom_weight
+        phases.append(Phase(m, OBJECTIVES[m], args.epochs, args.lr, unlabelled=True, ramp=True, weight=weight,
+                            select=args.select, warmup=args.warmup_epochs, method=m, checkpoint=f"best_{m}_final",
+                            **base))
         if args.refine != "none":  # DANN's refinement is plain 'refine', the report's only method
             phases.append(Phase("refine" if m == "dann" else f"{m}_refine", Refiner(args.refine), args.refine_epochs,
                                 args.refine_lr, labelled="", unlabelled=True, select="last", ema=args.ema_decay,
@@ -1451,7 +1462,7 @@ def check_resume(args: argparse.Namespace) -> dict | None:
     if "phase" not in resume:
         raise UserError(f"{args.resume} is a final checkpoint; resume from the 'last.pth' an interrupted run wrote")
     saved, now = resume.get("config", {}), vars_json(args)
-    for k in sorted(set(saved) & set(now) - PLACE_FLAGS - {"tsne_epochs", "eval_only", "checkpoint", "tsne"}):
+    for k in sorted(set(saved) & set(now) - PLACE_FLAGS - {"tsne_epochs", "eval_only", "checkpoint"}):
         if saved[k] != now[k]:  # what training computes must match the interrupted run
             raise UserError(f"{args.resume} was saved with {k}={saved[k]!r}, this run has {k}={now[k]!r}; "
                             "resume with the flags of the interrupted run")
@@ -1490,12 +1501,6 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
     if "raw_pixels" not in state["pad"]:
         state["pad"]["raw_pixels"] = pad_pts.pad(None, data, ctx, None)
         ctx.log(f"pad: stage=raw_pixels pad={state['pad']['raw_pixels']:.4f}")
-    if plots and resume is None:  # the untrained network, for the report's before/after pair
-        with torch.random.fork_rng(devices=[]):  # figures must not change the training run's random numbers
-            untrained = ctx.new_model(args.cls_dropout)
-        bn = domain_bn(untrained, data, ctx) if args.eval_bn == "domain" else None
-        plot_tsne([("untrained network", embed(pts.features(untrained, data, ctx, bn), seed))], pts,
-                  out["figures"] / f"{prefix}tsne_before.png", (data.src.title, data.tgt.title))
     phases = plan(args)
     first = args.method[0]
     for phase in phases:
@@ -1557,8 +1562,8 @@ def report_phase(phase: Phase, model: DANN, hist: list[dict], stop: EarlyStoppin
     r = {**tm, "best_epoch": stop.best_epoch, "epochs_run": len(hist)}
     final = hist[stop.best_epoch - 1] if stop.best_epoch else hist[-1]
     if phase.name in METHODS:
-        r.update(method=phase.name, select=phase.select, tgt_val_acc_monitoring=final["tgt_val_acc"])
-        r.update({k: final[k] for k in ("dom_acc",) if k in final})
+        r.update(method=phase.name, weight=phase.weight, select=phase.select,
+                 tgt_val_acc_monitoring=final["tgt_val_acc"], **{k: final[k] for k in ("dom_acc",) if k in final})
     if phase.name != "oracle":
         r["pad"] = state["pad"][phase.name] = pad_pts.pad(model, data, ctx, bn)
     if "source_only" in res and phase.method is not None:
@@ -1681,16 +1686,12 @@ def eval_only(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path]) -> int:
     seed = ck.get("seed", args.seeds[0])
     data = load_data(args, seed, ctx.device, ctx.log)
     bn = ck.get("bn_stats")  # each domain's statistics, saved with the model; absent = the report's blended ones
-    tm, pred = test_metrics(model, data, ctx, bn)
+    tm, _ = test_metrics(model, data, ctx, bn)
     res = {"checkpoint": str(args.checkpoint), "pair": data.pair, "protocol": data.protocol, "seed": seed,
            "eval_bn": "domain" if bn else "blended", **tm}
     ctx.log(f"eval: protocol={data.protocol} pair={data.pair} eval_bn={res['eval_bn']} " +
             " ".join(f"{k}={v:.4f}" for k, v in tm.items()))
     write_json(out["checkpoints"] / f"{file_prefix(args)}eval_results.json", res)
-    if args.tsne:
-        pts = TestSample.pick(data, args.tsne_points // 2, seed)
-        plot_tsne([(args.checkpoint.name, embed(pts.features(model, data, ctx, bn), seed))], pts,
-                  out["figures"] / f"{file_prefix(args)}eval_tsne.png", (data.src.title, data.tgt.title))
     return 0
 
 
@@ -1719,11 +1720,10 @@ def make_ctx(args: argparse.Namespace, log: Callable[[str], None]) -> Ctx:
 def keep_freed_memory() -> None:
     """glibc hands every freed block over 32 MB back to the kernel, so each CPU training step faults its ~100 MB
     activations in again page by page. Measured on the 2-core box: 0.8-1.1k -> 1.25-1.45k img/s with this."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve big blocks from the heap
-            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: and keep freed heap for the next step
+    with contextlib.suppress(OSError, AttributeError):  # glibc's soname: elsewhere there is nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve big blocks from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: and keep freed heap for the next step
 
 
 def train(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path], argv: list[str]) -> int:

@@ -37,7 +37,7 @@ def profile(args: argparse.Namespace, ctx: DANN.Ctx, data: DANN.Data, steps: int
     def step() -> None:
         (xs, ys), (xt, _) = next(src), next(tgt)
         with ctx.autocast():
-            loss = spec.objective(model, DANN.Batch(xs, ys, xt, 1.0), args)["loss"]
+            loss = spec.objective(model, DANN.Batch(xs, ys, xt, 1.0, spec.weight), args)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -85,7 +85,7 @@ def test_domain_loss_pushes_features_the_opposite_way_to_the_domain_head() -> No
 
 def test_lambda_schedule_starts_at_zero_rises_monotonically_and_approaches_one() -> None:
     assert DANN.lambda_schedule(0.0, 10) == 0.0
-    assert DANN.lambda_schedule(1.0, 10) == pytest.approx(2 / (1 + np.exp(-10)) - 1)
+    assert float(DANN.lambda_schedule(1.0, 10)) == pytest.approx(2 / (1 + np.exp(-10)) - 1)
     assert DANN.lambda_schedule(1.0, 10) > 0.9999
     ps = torch.linspace(0, 1, 101)
     lam = DANN.lambda_schedule(ps, 10.0)
@@ -104,8 +104,8 @@ def test_output_shapes_and_log_probabilities() -> None:
     assert torch.allclose(y.exp().sum(1), torch.ones(6), atol=1e-5)
     assert torch.allclose(d.exp().sum(1), torch.ones(6), atol=1e-5)
     assert model.feat(x).shape == (6, 1250)
-    logp, h = model.forward_top(x)
-    assert h.shape == (6, 100) and torch.equal(logp, y)
+    logp, f = model.features(x)
+    assert f.shape == (6, 1250) and torch.equal(logp, y) and model.label.body(f).shape == (6, 100)
 
 
 def test_report_dropout_zeroes_whole_samples_and_is_identity_in_eval() -> None:
@@ -238,7 +238,7 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path, fake_data: dict) -> 
     r = cli(*tiny_flags(fake_data, out))
     assert r.returncode == 0, r.stderr
     assert "protocol=pooled" in r.stdout and "phase=dann epoch=1 lambda=" in r.stdout
-    for name in ("tsne_before", "tsne_after", "curves", "confusion"):
+    for name in ("tsne_source_only", "tsne_after", "curves", "confusion"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(png) as im:
@@ -349,12 +349,11 @@ def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_
     out = tmp_path / "run"
     assert run_main(tiny_flags(fake_data, out) + ["--no-plots", "--protocol", "official"], capsys)[0] == 0
     ckpt = out / "checkpoints" / "best_dann_final.pth"
-    ev_flags = data_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt), "--tsne"]
+    ev_flags = data_flags(fake_data, tmp_path / "ev") + ["--eval-only", "--checkpoint", str(ckpt)]
     code, stdout, _ = run_main(ev_flags, capsys)
     assert code == 0 and "eval: protocol=official" in stdout
     ev = json.loads((tmp_path / "ev" / "checkpoints" / "eval_results.json").read_text())
     assert ev["tgt_test_acc"] == pytest.approx(results(out)["runs"][0]["dann"]["tgt_test_acc"])
-    assert (tmp_path / "ev" / "figures" / "eval_tsne.png").exists()
     code, _, err = run_main(["--demo", "--eval-only", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ev")],
                             capsys)
     assert code == 1 and "was trained without --demo" in err
@@ -578,6 +577,58 @@ def test_mmd_is_near_zero_for_one_distribution_and_larger_for_shifted_ones() -> 
     assert abs(same) < 0.02 and 3 * same < near < far  # the biased estimate sits slightly above 0
 
 
+def test_cdan_randomised_map_has_its_width_and_keeps_inner_products_in_expectation() -> None:
+    torch.manual_seed(0)
+    f, p = torch.randn(4, 30), torch.softmax(torch.randn(4, 5), 1)
+    outer = (f[:, :, None] * p[:, None, :]).flatten(1)  # the full multilinear map, 150 values per example
+    want = outer @ outer.T
+    g = torch.Generator().manual_seed(1)
+    grams = []
+    for _ in range(500):
+        z = DANN.multilinear(f, p, torch.randn(30, 64, generator=g), torch.randn(5, 64, generator=g))
+        assert z.shape == (4, 64)
+        grams.append(z @ z.T)
+    one, mean = grams[0], torch.stack(grams).mean(0)
+    scale = want.abs().max()
+    assert (one - want).abs().max() > 0.05 * scale  # a single draw is noisy ...
+    assert (mean - want).abs().max() < 0.05 * scale  # ... its expectation is the outer products' Gram matrix
+
+
+@pytest.mark.parametrize("kind", ["dann", "cdan", "cdan-e"])
+def test_adversarial_domain_loss_trains_the_features_and_never_the_class_probabilities(kind: str) -> None:
+    torch.manual_seed(0)
+    model = DANN.DANN()
+    args = DANN.parse_args(["--demo", "--no-plots"])
+    b = DANN.Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.randn(8, 3, 32, 32), 1.0)
+    losses = DANN.Adversarial(kind)(model, b, args)
+    assert set(losses) >= {"loss", "cls_loss", "dom_loss"} and torch.isfinite(losses["dom_loss"])
+    losses["dom_loss"].backward()
+    assert model.feat[0].weight.grad.abs().sum() > 0 and model.domain.net[0].weight.grad.abs().sum() > 0
+    # CDAN conditions on the *detached* prediction: the domain loss never reaches the label head
+    assert all(q.grad is None for q in model.label.parameters())
+
+
+def test_mmd_and_coral_align_the_1250_d_extractor_output_with_the_methods_weight() -> None:
+    seen: list[tuple] = []
+
+    def spy(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        seen.append((hs.shape, ht.shape))
+        return (hs.mean() - ht.mean()) ** 2
+    torch.manual_seed(0)
+    b = DANN.Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.randn(6, 3, 32, 32), 0.5, w=3.0)
+    out = DANN.align_objective(spy)(DANN.DANN(), b, DANN.parse_args(["--demo"]))
+    assert seen == [((8, 1250), (6, 1250))]
+    assert out["loss"].item() == pytest.approx((out["cls_loss"] + 3.0 * 0.5 * out["align_loss"]).item(), rel=1e-6)
+
+
+def test_each_method_gets_its_own_weight_unless_dom_weight_is_given() -> None:
+    methods = ["--method", *DANN.METHODS]
+    weights = {p.name: p.weight for p in DANN.plan(DANN.parse_args(["--demo", *methods]))}
+    assert {m: weights[m] for m in DANN.METHODS} == DANN.METHOD_WEIGHTS
+    weights = {p.name: p.weight for p in DANN.plan(DANN.parse_args(["--demo", *methods, "--dom-weight", "0.25"]))}
+    assert all(weights[m] == 0.25 for m in DANN.METHODS)
+
+
 def test_proxy_a_distance_is_near_zero_for_one_distribution_and_near_two_for_separable_ones() -> None:
     rng = np.random.RandomState(0)
     assert abs(DANN.proxy_a_distance(rng.randn(400, 10), rng.randn(400, 10))) < 0.3
@@ -732,10 +783,10 @@ def _relabelled(fake: dict, root: Path) -> dict:
     return {"data_dir": fake["data_dir"], "mnistm": root}
 
 
-@pytest.mark.parametrize("refine", ["pseudo", "dirt-t"])
-def test_adaptation_and_refinement_read_no_target_label(tmp_path: Path, fake_data: dict,
-                                                        capsys: pytest.CaptureFixture, refine: str) -> None:
-    flags = ["--protocol", "official", "--refine", refine, "--refine-epochs", "2", "--no-plots"]
+@pytest.mark.parametrize("refine, methods", [("pseudo", ["dann", "cdan", "cdan-e"]), ("dirt-t", ["dann"])])
+def test_adaptation_and_refinement_read_no_target_label(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture,
+                                                        refine: str, methods: list[str]) -> None:
+    flags = ["--protocol", "official", "--refine", refine, "--refine-epochs", "2", "--no-plots", "--method", *methods]
     rows = []
     for name, fake in (("a", fake_data), ("b", _relabelled(fake_data, tmp_path / "garbage"))):
         assert run_main(tiny_flags(fake, tmp_path / name) + flags, capsys)[0] == 0
@@ -745,6 +796,7 @@ def test_adaptation_and_refinement_read_no_target_label(tmp_path: Path, fake_dat
                {k: v for k, v in b.items() if "tgt_val_acc" not in k and k != "time_s"}
     ra, rb = (results(tmp_path / n)["runs"][0] for n in "ab")
     assert ra["refine"]["tgt_test_acc"] == rb["refine"]["tgt_test_acc"]  # the official test labels are intact
+    assert {r["phase"] for r in rows[0]} >= set(methods)
 
 
 def test_resume_mid_refinement_equals_an_uninterrupted_run(tmp_path: Path, fake_data: dict) -> None:
@@ -793,8 +845,7 @@ def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default(
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--demo", "--tsne"], "--checkpoint and --tsne go with --eval-only"),
-    (["--demo", "--checkpoint", "x.pth"], "--checkpoint and --tsne go with --eval-only"),
+    (["--demo", "--checkpoint", "x.pth"], "--checkpoint goes with --eval-only"),
     (["--demo", "--epochs", "3", "--tsne-epochs", "2", "5"], "--tsne-epochs must be adaptation epochs between 1"),
     (["--demo", "--refine", "none", "--refine-epochs", "3"], "--refine-epochs, --refine-lr and --ema-decay need"),
     (["--demo", "--refine", "dirt-t", "--pseudo-threshold", "0.8"], "--pseudo-threshold needs --refine pseudo"),
@@ -941,7 +992,7 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
 
     def counting(model: DANN.DANN, b: DANN.Batch, a: object) -> dict:
         seen.append(b.ys)
-        return (DANN.source_objective if b.xt is None else DANN.dann_objective)(model, b, a)
+        return (DANN.source_objective if b.xt is None else DANN.OBJECTIVES["dann"])(model, b, a)
     ctx = DANN.Ctx(torch.device("cpu"), amp=False, log=lambda s: None)
     phase = DANN.Phase("dann", counting, 2, 1e-3, unlabelled=True, ramp=True, select="last")
     hist, _, _ = DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
