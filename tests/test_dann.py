@@ -622,11 +622,14 @@ def test_mmd_and_coral_align_the_1250_d_extractor_output_with_the_methods_weight
 
 
 def test_each_method_gets_its_own_weight_unless_dom_weight_is_given() -> None:
-    methods = ["--method", *DANN.METHODS]
-    weights = {p.name: p.weight for p in DANN.plan(DANN.parse_args(["--demo", *methods]))}
-    assert {m: weights[m] for m in DANN.METHODS} == DANN.METHOD_WEIGHTS
-    weights = {p.name: p.weight for p in DANN.plan(DANN.parse_args(["--demo", *methods, "--dom-weight", "0.25"]))}
-    assert all(weights[m] == 0.25 for m in DANN.METHODS)
+    def weights(*flags: str) -> dict[str, float]:
+        phases = DANN.plan(DANN.parse_args(["--method", *DANN.METHODS, *flags]))
+        return {p.name: p.weight for p in phases if p.name in DANN.METHODS}
+    pair = ("--source", "mnist", "--target", "usps")
+    assert weights(*pair) == DANN.METHOD_WEIGHTS
+    assert set(weights(*pair, "--dom-weight", "0.25").values()) == {0.25}
+    assert set(weights(*pair, "--recipe", "report").values()) == {1.0}  # the report's alpha, for every method
+    assert set(weights("--demo").values()) == {1.0}  # the demo keeps alpha 1
 
 
 def test_proxy_a_distance_is_near_zero_for_one_distribution_and_near_two_for_separable_ones() -> None:
