@@ -755,10 +755,10 @@ def accuracy(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logp.argmax(1) == y).float().mean()
 
 
-def entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Mean prediction entropy: low = confident."""
-    logp = logp.float()
-    return -(logp.exp() * logp).sum(1).mean()
+def entropy(logp: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+    """Prediction entropy, the batch mean or one per example: low = confident."""
+    h = -(logp.float().exp() * logp.float()).sum(1)
+    return h if per_example else h.mean()
 
 
 def kl_div(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -838,8 +838,7 @@ class Adversarial:
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)
         nll = F.nll_loss(torch.cat([d_s, d_t]), dom, reduction="none")
         if self.kind == "cdan-e":
-            lp = torch.cat([logp_s, logp_t]).detach().float()
-            w = 1 + torch.exp((lp.exp() * lp).sum(1))  # 1 + e^-H(p)
+            w = 1 + torch.exp(-entropy(torch.cat([logp_s, logp_t]).detach(), per_example=True))
             nll = nll * w / w.mean()
         loss_y, loss_d = F.nll_loss(logp_s, b.ys), nll[:n].mean() + nll[n:].mean()
         out = {"cls_loss": loss_y, "dom_loss": loss_d, "src_acc": accuracy(logp_s, b.ys)}
