@@ -6,12 +6,11 @@ baseline, adapted models (DANN, CDAN, CDAN+E, MMD, CORAL), a label-free refineme
 train-on-target ceiling; picks models without target labels; writes metrics, checkpoints, t-SNE plots, the proxy
 A-distance, a comparison table and a report page. Target labels are read only to *report* (and by the --oracle).
 
-Headline results (measured; README has every table and command): target test %, official protocol, mean of seeds 1-3,
-a reduced schedule (5 epochs per phase, 3 of refinement), bf16 on 2-core CPUs; adapted -> refined:
-  MNIST -> MNIST-M, tuned alphas (Intel Xeon): source-only 54.8; DANN 75.5 -> 81.3, CDAN 70.5 -> 79.7,
-    CDAN+E 68.8 -> 79.8, MMD 70.2 -> 79.6, CORAL 63.2 -> 74.4
-  DANN at alpha 1 (AMD EPYC), source-only / DANN -> refined: MNIST -> USPS 83.3 / 76.5 -> 84.3, USPS -> MNIST 80.8 /
-    86.6 -> 92.6; --demo (its schedule): 50.7 / 76.3 -> 86.7
+Headline (measured; README has every table and command): target test %, official protocol, mean of seeds 1-3, 5 epochs
+per phase + 3 of refinement, bf16, 2-core Intel Xeon; source-only, then each method at its alpha, adapted -> refined:
+  MNIST -> MNIST-M 54.8: DANN 75.5 -> 81.3, CDAN 70.5 -> 79.7, CDAN+E 68.8 -> 79.8, MMD 70.2 -> 79.6, CORAL 63.2 -> 74.4
+  MNIST -> USPS 83.5: DANN 83.5 -> 89.8, CDAN 86.7 -> 90.2, CDAN+E 85.9 -> 90.4, MMD 87.1 -> 91.2, CORAL 84.8 -> 89.9
+  USPS -> MNIST 81.5: DANN 86.3 -> 92.0, CDAN 87.7 -> 92.5, CDAN+E 88.6 -> 93.2; --demo (alpha 1): 52.0 -> 72.4 -> 85.0
 
 Commands:
   python DANN.py --demo                                       # offline, built-in scikit-learn data, CPU
@@ -129,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma", type=float, default=10.0, help="adaptation-weight schedule steepness, >= 0")
     t.add_argument("--dom-weight", type=float, help="alpha in L_y + alpha*L_align for every method; None = each "
                    "method's own: " + ", ".join(f"{k} {v:g}" for k, v in METHOD_WEIGHTS.items()))
-    t.add_argument("--bn", choices=["separate", "concat"], help="source and target in separate forward passes or one")
+    t.add_argument("--bn", choices=["separate", "concat", "concat-head"], help="source and target in separate forward "
+                   "passes or one; concat-head: separate for the network, one for the domain head (sees the shift)")
     t.add_argument("--cls-dropout", choices=["sample", "element", "none"],
                    help="label-head dropout: sample = the report's, which drops whole samples; element = nn.Dropout")
     t.add_argument("--norm", choices=["per-domain", "report", "shared"], help="standardise each domain by its own "
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refine-lr", type=float, default=1e-4, help="refinement learning rate")
     f.add_argument("--vat-eps", type=float, default=3.5, help="VAT radius (dirt-t, --vada), normalised input units")
     f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the refined weights")
+    f.add_argument("--refine-src-weight", type=float, default=0.0, help="source cross-entropy weight; 0 = none")
     f.add_argument("--pseudo-threshold", type=float, default=0.9, help="teacher confidence a pseudo-label needs")
     f.add_argument("--oracle", action="store_true", help="also train on the *labelled* target: the ceiling")
     r = p.add_argument_group("run")
@@ -208,9 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
          f"--tgt-split fractions must be positive and sum to 1, got {args.tgt_split}"),
         *[(getattr(args, k) <= 0, f"--{k.replace('_', '-')} must be positive")
           for k in ("epochs", "batch_size", "patience", "lr", "refine_lr", "refine_epochs")],
-        *[(getattr(args, k) < 0, f"--{k.replace('_', '-')} must be >= 0")
-          for k in ("gamma", "warmup_epochs", "min_delta", "num_workers", "vat_eps")],
-        (args.dom_weight is not None and args.dom_weight < 0, "--dom-weight must be >= 0"),
+        *[((getattr(args, k) or 0) < 0, f"--{k.replace('_', '-')} must be >= 0") for k in (  # dom_weight may be None
+            "gamma", "warmup_epochs", "min_delta", "num_workers", "vat_eps", "dom_weight", "refine_src_weight")],
         (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (not 0 < args.pseudo_threshold < 1, "--pseudo-threshold must be in (0, 1)"),
         (args.vada and "dann" not in args.method, "--vada adds to DANN: use it with --method dann"),
@@ -219,8 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
          f"--tsne-epochs must be adaptation epochs between 1 and --epochs ({args.epochs})"),
         (args.data_path == "device" and "num_workers" in given, "--num-workers is for --data-path loader"),
         (args.no_plots and bool(given & {"tsne_epochs", "tsne_points"}), "--no-plots draws no t-SNE: drop --tsne-*"),
-        (args.refine == "none" and bool(given & {"refine_epochs", "refine_lr", "ema_decay"}),
-         "--refine-epochs, --refine-lr and --ema-decay need --refine pseudo or dirt-t"),
+        (args.refine == "none" and bool(given & {"refine_epochs", "refine_lr", "ema_decay", "refine_src_weight"}),
+         "--refine-epochs, --refine-lr, --refine-src-weight and --ema-decay need --refine pseudo or dirt-t"),
         ("pseudo_threshold" in given and args.refine != "pseudo", "--pseudo-threshold needs --refine pseudo"),
         ("vat_eps" in given and args.refine != "dirt-t" and not args.vada, "--vat-eps needs --refine dirt-t or --vada"),
         (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
@@ -263,12 +263,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
-    if rows:
-        atomic_write(path, write, "w")
+    atomic_write(path, write, "w")
 
 
-def check_writable(*folders: Path) -> None:
-    """Fail at the start, not after an hour of training."""
+def check_writable(*folders: Path) -> None:  # fail at the start, not after an hour of training
     for d in folders:
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -672,8 +670,8 @@ class FeatureExtractor(nn.Sequential):
                          nn.Flatten())  # 3x32x32 -> 50x5x5 = 1250
 
 
-class LabelClassifier(nn.Module):
-    """The report's label head, as `body` (1250 -> the 100-d features that t-SNE and PAD read) and `out`
+class LabelClassifier(nn.Sequential):
+    """The report's label head, a Sequential of `body` (1250 -> the 100-d features that t-SNE and PAD read) and `out`
     (100 -> 10 log-probabilities)."""
 
     def __init__(self, dropout: str = "sample") -> None:
@@ -684,9 +682,6 @@ class LabelClassifier(nn.Module):
         self.body = nn.Sequential(nn.Linear(1250, 100), nn.BatchNorm1d(100), nn.ReLU(), drop,
                                   nn.Linear(100, 100), nn.BatchNorm1d(100), nn.ReLU())
         self.out = nn.Sequential(nn.Linear(100, 10), nn.LogSoftmax(1))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(f))
 
 
 class DomainClassifier(nn.Module):
@@ -723,15 +718,17 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @contextlib.contextmanager
 def bn_frozen(model: nn.Module) -> Iterator[None]:
-    """Forward passes inside normalise with their own batch statistics (in train mode) but leave every BatchNorm
-    buffer untouched: VADA's perturbed (VAT) passes must not move the statistics the model is evaluated with."""
-    for m in batchnorms(model):
-        m.track_running_stats = False
+    """Forward passes inside normalise with their own batch statistics, even in eval mode, but leave every BatchNorm
+    buffer untouched: VADA's perturbed (VAT) passes and refinement's source batches must not move the statistics the
+    model is evaluated with."""
+    modes = [(m, m.training) for m in batchnorms(model)]
+    for m, _ in modes:
+        m.track_running_stats, m.training = False, True
     try:
         yield
     finally:
-        for m in batchnorms(model):
-            m.track_running_stats = True  # every BatchNorm here tracks them
+        for m, mode in modes:
+            m.track_running_stats, m.training = True, mode  # every BatchNorm here tracks them
 
 
 # ==== Objectives: one step's batches -> named losses ==================================================
@@ -785,11 +782,10 @@ def vat_loss(classify: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return kl_div(logp, classify(x + eps * _unit(g.detach().float()).to(x.dtype)))
 
 
-def both_domains(fn: Callable[[torch.Tensor], tuple], xs: torch.Tensor, xt: torch.Tensor,
-                 bn: str) -> tuple[tuple, tuple]:
-    """Run fn on source and target: in separate passes, so each BatchNorm normalises a domain with its own batch
-    statistics (the report), or on one concatenated batch whose statistics mix the domains (--bn concat)."""
-    if bn == "separate":
+def both_domains(fn: Callable[..., tuple], xs: torch.Tensor, xt: torch.Tensor, bn: str) -> tuple[tuple, tuple]:
+    """Run fn on source and target in separate passes, so each BatchNorm normalises a domain with its own batch
+    statistics (the report), or on one joint batch (--bn concat; concat-head: the domain head's, to keep the shift)."""
+    if bn != "concat":
         return fn(xs), fn(xt)
     out, n = fn(torch.cat([xs, xt])), len(xs)
     return tuple(o[:n] for o in out), tuple(o[n:] for o in out)
@@ -797,7 +793,7 @@ def both_domains(fn: Callable[[torch.Tensor], tuple], xs: torch.Tensor, xt: torc
 
 def source_objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
     """Cross-entropy on labelled images: the source-only baseline, and the train-on-target oracle."""
-    logp, _ = model(b.xs)
+    logp = model.classify(b.xs)
     loss = F.nll_loss(logp, b.ys)
     return {"loss": loss, "cls_loss": loss, "src_acc": accuracy(logp, b.ys)}
 
@@ -833,7 +829,7 @@ class Adversarial:
                 self.proj = tuple(torch.randn(n, 1250, generator=g).to(f_s.device) for n in (1250, 10))
             z_s, z_t = (multilinear(f, lp.detach().float().exp().to(f.dtype), *self.proj)
                         for f, lp in ((f_s, logp_s), (f_t, logp_t)))
-        (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn)
+        (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn.replace("-head", ""))
         n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)
         nll = F.nll_loss(torch.cat([d_s, d_t]), dom, reduction="none")
@@ -917,8 +913,8 @@ class Refiner:
     taken at each epoch start, one self-training round per epoch (DIRT-T's proximal teacher). The phase runs in eval
     mode (Phase.frozen): no dropout, and every BatchNorm of student and teacher normalises with clean target statistics
     measured at each epoch start, as evaluation does; batch statistics would normalise augmented views by their own.
-    'dirt-t': entropy + VAT + KL(teacher || student), DIRT-T's equal weights.
-    'pseudo': cross-entropy on a strongly augmented view, against the teacher's label where it is confident."""
+    'dirt-t': entropy + VAT + KL(teacher || student), DIRT-T's equal weights; 'pseudo': cross-entropy on a strongly
+    augmented view against the teacher's label where it is confident. Both add --refine-src-weight x source CE."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self.teacher = kind, None
@@ -929,6 +925,10 @@ class Refiner:
         self.teacher = copy.deepcopy(keep).eval().requires_grad_(False)
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
+        out: Losses = {}
+        if b.xs is not None:  # --refine-src-weight > 0: the labelled task stays in view. Source batches normalise
+            with bn_frozen(model):  # with their own statistics, as in adaptation; the target's buffers stay put
+                out["src_ce"] = F.nll_loss(model.classify(b.xs), b.ys)
         with torch.no_grad():
             t = self.teacher.classify(b.xt)
         if self.kind == "pseudo":
@@ -936,11 +936,13 @@ class Refiner:
             mask = (conf >= args.pseudo_threshold).float()
             logp = model.classify(strong_augment(b.xt).to(b.xt.dtype).contiguous(memory_format=torch.channels_last))
             loss = (F.nll_loss(logp, label, reduction="none") * mask).mean()
-            return {"loss": loss, "pseudo_loss": loss, "pseudo_rate": mask.mean()}
-        logp = model.classify(b.xt)
-        vat = vat_loss(model.classify, b.xt, logp, args.vat_eps)  # eval mode: the buffers stay as they are
-        ent, kl = entropy(logp), kl_div(t, logp)
-        return {"loss": ent + vat + kl, "tgt_ent": ent, "tgt_vat": vat, "teacher_kl": kl}
+            out.update(pseudo_loss=loss, pseudo_rate=mask.mean())
+        else:
+            logp = model.classify(b.xt)  # eval mode: VAT's passes leave the buffers as they are
+            out.update(tgt_ent=entropy(logp), tgt_vat=vat_loss(model.classify, b.xt, logp, args.vat_eps),
+                       teacher_kl=kl_div(t, logp))
+            loss = out["tgt_ent"] + out["tgt_vat"] + out["teacher_kl"]
+        return {"loss": loss + b.w * out.get("src_ce", 0.0), **out}
 
 
 # ==== The training loop: one for every phase and method ===============================================
@@ -1042,8 +1044,7 @@ def predict(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, t
     """Eval-mode outputs for uint8 images in large batches: (class log-probs, domain log-probs), or with
     top=True the 100-d features under the label head. `bn`: that domain's BatchNorm statistics."""
     model = copy.deepcopy(model).eval()  # a copy: the model keeps its mode and its own statistics
-    if bn is not None:
-        model.load_state_dict(bn, strict=False)
+    model.load_state_dict(bn or {}, strict=False)
     outs = []
     for c in x.split(bs):
         with ctx.autocast():
@@ -1445,9 +1446,9 @@ def plan(args: argparse.Namespace) -> list[Phase]:
                             **base))
         if args.refine != "none":  # DANN's refinement is plain 'refine', the report's only method
             phases.append(Phase("refine" if m == "dann" else f"{m}_refine", Refiner(args.refine), args.refine_epochs,
-                                args.refine_lr, labelled="", unlabelled=True, select="last", ema=args.ema_decay,
-                                frozen=True, method=m,
-                                checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
+                                args.refine_lr, labelled="src" if args.refine_src_weight else "", unlabelled=True,
+                                weight=args.refine_src_weight, select="last", ema=args.ema_decay, frozen=True,
+                                method=m, checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
     if args.oracle:
         phases.append(Phase("oracle", source_objective, args.epochs, args.lr, labelled="tgt", select="tgt-val-loss",
                             checkpoint="best_oracle", **base))
@@ -1676,9 +1677,8 @@ def eval_only(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path]) -> int:
     if cfg.get("demo", args.demo) != args.demo:
         raise UserError(f"{args.checkpoint} was trained {'with' if cfg['demo'] else 'without'} --demo; "
                         "evaluate it the same way")
-    for k in ("source", "target", "protocol", "tgt_split", "norm"):  # the pair, splits and inputs it was trained on
-        if k in cfg:
-            setattr(args, k, cfg[k])
+    # the pair, splits and inputs it was trained on
+    vars(args).update({k: cfg[k] for k in ("source", "target", "protocol", "tgt_split", "norm") if k in cfg})
     if "mnistm" in (args.source, args.target) and args.mnistm_root is None and not args.demo:
         raise UsageError(f"{args.checkpoint} was trained on {DOMAINS[args.source]} -> {DOMAINS[args.target]}: "
                          "give --mnistm-root PATH")

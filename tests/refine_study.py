@@ -1,15 +1,16 @@
 """Refinement variants, each started from the same adapted checkpoints of a finished multi-seed run, compared on
-*target validation* (tgt_val_acc after each refinement epoch; the target test set is not read).
+*target validation* (tgt_val_acc after each refinement epoch). The last epoch's target test accuracy is printed
+too, to report: no choice reads it.
 
-    python tests/refine_study.py --run-dir OUT --seeds 1 2 3 --variants batch-bn student-teacher default \\
+    python tests/refine_study.py --run-dir OUT --seeds 1 2 3 --variants target-only default \\
         -- --source mnist --target usps --data-dir data --offline --epochs 6 --warmup-epochs 2 --refine-epochs 6
 
 Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoints/<prefix>seed<N>_best_dann_final.pth.
 Variants:
-  default          DANN.Refiner as it is: eval mode, clean target BatchNorm statistics, the EMA as teacher.
-  student-teacher  the same, but the teacher is a copy of the student (not of the EMA) at each epoch start.
-  source-ce        the default plus the source cross-entropy on labelled source batches (FixMatch keeps its labelled
-                   loss), each domain normalised with its own clean statistics.
+  default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA as teacher,
+                   and the source cross-entropy at --refine-src-weight (source batches under their own statistics).
+  target-only      the same with --refine-src-weight 0: target batches only.
+  student-teacher  the default, but the teacher is a copy of the student (not of the EMA) at each epoch start.
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -23,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,29 +47,8 @@ class BatchBN(DANN.Refiner):
             m.track_running_stats = False
 
 
-class SourceCE(DANN.Refiner):
-    labelled = "src"
-
-    def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
-        super().epoch_start(model, keep, data, ctx)
-        self.stats = [{k: v.clone() for k, v in model.state_dict().items() if "running" in k},
-                      DANN.bn_stats(model, data.src.splits["train"][0], data.src.norm, ctx)]
-
-    def __call__(self, model: DANN.DANN, b: DANN.Batch, args: argparse.Namespace) -> dict:
-        def use(i: int) -> None:  # rebind the buffers (no in-place copy: autograd saved the old ones)
-            for k, v in self.stats[i].items():
-                if "running" in k:
-                    mod, name = k.rsplit(".", 1)
-                    setattr(model.get_submodule(mod), name, v)
-        use(1)
-        logp_s = model.classify(b.xs)
-        use(0)
-        out = super().__call__(model, b, args)
-        ce = torch.nn.functional.nll_loss(logp_s, b.ys)
-        return {**out, "loss": out["loss"] + ce, "src_ce": ce}
-
-
-VARIANTS = {"default": DANN.Refiner, "student-teacher": StudentTeacher, "source-ce": SourceCE, "batch-bn": BatchBN}
+VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "student-teacher": StudentTeacher,
+            "batch-bn": BatchBN}
 
 
 def main() -> None:
@@ -94,16 +73,21 @@ def main() -> None:
             model = ctx.new_model(args.cls_dropout)
             model.load_state_dict(start["model"])
             t0 = time.time()
-            obj = VARIANTS[v](args.refine)
-            ph = dataclasses.replace(phase, objective=obj, labelled=getattr(obj, "labelled", ""))
-            hist, _, _ = DANN.fit(ph, model, data, args, ctx, None, {}, {})
+            w = 0.0 if v == "target-only" else args.refine_src_weight
+            ph = dataclasses.replace(phase, objective=VARIANTS[v](args.refine), labelled="src" if w else "", weight=w)
+            hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
+            first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
+            guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")
+            bn = DANN.domain_bn(keep, data, ctx) if args.eval_bn == "domain" else None
+            test = DANN.test_metrics(keep, data, ctx, bn)[0]  # reported only: the choice reads target val
             row = {"pair": data.pair, "seed": seed, "variant": v,
                    "start_tgt_val_acc": start["metrics"]["tgt_val_acc_monitoring"],
                    "tgt_val_acc": [round(h["tgt_val_acc"], 4) for h in hist],
                    "src_val_acc": [round(h["src_val_acc"], 4) for h in hist],
                    "tgt_class_entropy": [round(h["tgt_class_entropy"], 4) for h in hist],
                    "pseudo_rate": [round(h.get("pseudo_rate", float("nan")), 4) for h in hist],
-                   "seconds": round(time.time() - t0, 1)}
+                   "guard": guard or "keep", "start_tgt_test_acc": start["metrics"]["tgt_test_acc"],
+                   "tgt_test_acc": round(test["tgt_test_acc"], 4), "seconds": round(time.time() - t0, 1)}
             print(json.dumps(row), flush=True)
             if a.json:
                 with open(a.json, "a") as f:

@@ -1,6 +1,7 @@
 """DANN.py, specified by tests on tiny synthetic data (CPU, no network, no real data sets)."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import DANN
@@ -462,6 +464,7 @@ def test_missing_mnist_offline_says_where_the_files_belong(tmp_path: Path, capsy
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--patience", "0"], "--patience must be positive"),
     (["--gamma", "-1"], "--gamma must be >= 0"),
+    (["--refine-src-weight", "-1"], "--refine-src-weight must be >= 0"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
 ])
 def test_invalid_flags_exit_2_with_an_argparse_message(flags: list[str], message: str,
@@ -606,6 +609,18 @@ def test_adversarial_domain_loss_trains_the_features_and_never_the_class_probabi
     assert model.feat[0].weight.grad.abs().sum() > 0 and model.domain.net[0].weight.grad.abs().sum() > 0
     # CDAN conditions on the *detached* prediction: the domain loss never reaches the label head
     assert all(q.grad is None for q in model.label.parameters())
+
+
+def test_concat_head_gives_the_domain_head_one_batch_of_both_domains_and_the_network_one_per_domain() -> None:
+    torch.manual_seed(0)
+    model, sizes = DANN.DANN(), {"feat": [], "domain": []}
+    for name in sizes:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sizes[name].append(len(i[0])))
+    b = DANN.Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.randn(8, 3, 32, 32), 1.0)
+    for bn, feat, domain in (("separate", [8, 8], [8, 8]), ("concat", [16], [16]), ("concat-head", [8, 8], [16])):
+        sizes = {"feat": [], "domain": []}
+        DANN.Adversarial("dann")(model, b, DANN.parse_args(["--demo", "--bn", bn]))
+        assert sizes == {"feat": feat, "domain": domain}, bn
 
 
 def test_mmd_and_coral_align_the_1250_d_extractor_output_with_the_methods_weight() -> None:
@@ -756,6 +771,30 @@ def test_refinement_trains_with_the_batchnorm_statistics_evaluation_uses(tmp_pat
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in ema_own.items())
 
 
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_refinement_keeps_the_source_cross_entropy_at_its_weight_under_source_batch_statistics(weight: float) -> None:
+    torch.manual_seed(0)
+    args = DANN.parse_args(["--demo", "--refine-src-weight", str(weight)])
+    phase = next(p for p in DANN.plan(args) if p.name == "refine")
+    assert (phase.labelled, phase.weight) == ("src" if weight else "", weight)  # no source batches at weight 0
+    model, refiner = DANN.DANN("none").eval(), DANN.Refiner("pseudo")
+    refiner.teacher = copy.deepcopy(model)
+    xs, ys = 2 * torch.randn(16, 3, 32, 32) + 1, torch.randint(0, 10, (16,))  # far from the running statistics
+    b = DANN.Batch(xs if weight else None, ys if weight else None, torch.randn(16, 3, 32, 32), 1.0, w=weight)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    out = refiner(model, b, args)
+    assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())  # the target's statistics stay put
+    assert not any(m.training for m in model.modules())
+    if not weight:
+        assert "src_ce" not in out and out["loss"].item() == pytest.approx(out["pseudo_loss"].item())
+        return
+    with torch.no_grad(), DANN.bn_frozen(model):
+        own = F.nll_loss(model.classify(xs), ys).item()
+    running = F.nll_loss(model.classify(xs), ys).item()
+    assert out["src_ce"].item() == pytest.approx(own, rel=1e-5) and abs(own - running) > 1e-3
+    assert out["loss"].item() == pytest.approx((out["pseudo_loss"] + 2.0 * out["src_ce"]).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("guard, decision", [({"src_val_acc": -1.0}, "revert"), ({"src_val_acc": 1.0}, "keep")])
 def test_the_refinement_guard_logs_its_decision_and_a_revert_keeps_the_adapted_model(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
@@ -850,9 +889,11 @@ def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default(
 @pytest.mark.parametrize("flags,message", [
     (["--demo", "--checkpoint", "x.pth"], "--checkpoint goes with --eval-only"),
     (["--demo", "--epochs", "3", "--tsne-epochs", "2", "5"], "--tsne-epochs must be adaptation epochs between 1"),
-    (["--demo", "--refine", "none", "--refine-epochs", "3"], "--refine-epochs, --refine-lr and --ema-decay need"),
+    (["--demo", "--refine", "none", "--refine-epochs", "3"],
+     "--refine-epochs, --refine-lr, --refine-src-weight and --ema-decay need"),
     (["--demo", "--refine", "dirt-t", "--pseudo-threshold", "0.8"], "--pseudo-threshold needs --refine pseudo"),
     (["--demo", "--vat-eps", "2"], "--vat-eps needs --refine dirt-t or --vada"),
+    (["--demo", "--refine", "none", "--refine-src-weight", "0"], "--refine-src-weight and --ema-decay need --refine"),
     (["--demo", "--eval-only", "--checkpoint", "x.pth", "--epochs", "3"], "takes its settings from the checkpoint"),
     (["--demo", "--min-delta", "-1"], "--min-delta must be >= 0"),
     (["--demo", "--no-plots", "--tsne-epochs", "2"], "--no-plots draws no t-SNE"),

@@ -19,8 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Adversarial losses are a few tenths at the start; MMD and CORAL on the 1,250-d features ~0.01-0.02, so their grid
 # sits a decade higher (Deep CORAL's rule: the alignment term on the scale of the classification loss).
-GRIDS = {"adv": (("dann", "cdan", "cdan-e"), ("0.1", "0.3", "1", "3")),
-         "align": (("mmd", "coral"), ("1", "3", "10", "30"))}
+# A first grid (0.1-3 and 1-30) chose four of five values at its lower or upper edge; each grid then moved one step
+# that way, keeping four values.
+GRIDS = {"adv": (("dann", "cdan", "cdan-e"), ("0.03", "0.1", "0.3", "1"), ()),
+         "align": (("mmd", "coral"), ("3", "10", "30", "100"), ()),
+         # the second hyperparameter of the adversarial methods: the domain head's BatchNorm sees both domains at once
+         "adv-concat-head": (("dann", "cdan", "cdan-e"), ("0.1",), ("--bn", "concat-head"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,24 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     flags = [f for f in a.flags if f != "--"]
     table: dict[str, dict[str, float]] = {}
-    for group, (methods, weights) in GRIDS.items():
+    for group, (methods, weights, extra) in GRIDS.items():
         for w in weights:
             out = a.out_root / f"{group}_w{w}"
             res = next(out.glob("checkpoints/*results.json"), None)
             if res is None:
                 cmd = [sys.executable, str(ROOT / "DANN.py"), *flags, "--method", *methods, "--dom-weight", w,
-                       "--no-baseline", "--refine", "none", "--no-plots", "--out-dir", str(out)]
+                       "--no-baseline", "--refine", "none", "--no-plots", *extra, "--out-dir", str(out)]
                 print("running:", " ".join(cmd), file=sys.stderr, flush=True)
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 res = next(out.glob("checkpoints/*results.json"))
             run = json.loads(res.read_text())["runs"][0]
             for m in methods:
-                table.setdefault(m, {})[w] = 100 * run[m]["tgt_val_acc_monitoring"]
-    print("| method | " + " | ".join(f"alpha {i + 1}" for i in range(4)) + " | chosen |")
+                table.setdefault(m + (f" {' '.join(extra)}" if extra else ""), {})[w] = \
+                    100 * run[m]["tgt_val_acc_monitoring"]
+    print("| method | " + " | ".join(f"alpha {i + 1}" for i in range(4)) + " | best |")
     print("|---|---|---|---|---|---|")
     for m, row in table.items():
         best = max(row, key=row.get)
-        print(f"| {m} | " + " | ".join(f"{w}: {v:.2f}" for w, v in row.items()) + f" | {best} |")
+        cells = [f"{w}: {v:.2f}" for w, v in row.items()] + [""] * (4 - len(row))
+        print(f"| {m} | " + " | ".join(cells) + f" | {best} |")
     return 0
 
 
