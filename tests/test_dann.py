@@ -647,6 +647,14 @@ def test_each_method_gets_its_own_weight_unless_dom_weight_is_given() -> None:
     assert set(weights("--demo").values()) == {1.0}  # the demo keeps alpha 1
 
 
+def test_best_recipe_feeds_the_domain_head_both_domains_while_the_report_and_the_demo_keep_separate_passes() -> None:
+    pair = ["--source", "mnist", "--target", "usps"]
+    assert DANN.parse_args(pair).bn == "concat-head"
+    assert DANN.parse_args([*pair, "--recipe", "report"]).bn == "separate"
+    assert DANN.parse_args(["--demo"]).bn == "separate"
+    assert DANN.parse_args(["--demo", "--bn", "concat-head"]).bn == "concat-head"  # a typed flag wins
+
+
 def test_proxy_a_distance_is_near_zero_for_one_distribution_and_near_two_for_separable_ones() -> None:
     rng = np.random.RandomState(0)
     assert abs(DANN.proxy_a_distance(rng.randn(400, 10), rng.randn(400, 10))) < 0.3

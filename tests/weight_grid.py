@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # sits a decade higher (Deep CORAL's rule: the alignment term on the scale of the classification loss).
 # A first grid (0.1-3 and 1-30) chose four of five values at its lower or upper edge; each grid then moved one step
 # that way, keeping four values.
-GRIDS = {"adv": (("dann", "cdan", "cdan-e"), ("0.03", "0.1", "0.3", "1"), ()),
+GRIDS = {"adv": (("dann", "cdan", "cdan-e"), ("0.03", "0.1", "0.3", "1"), ("--bn", "separate")),
          "align": (("mmd", "coral"), ("3", "10", "30", "100"), ()),
-         # the second hyperparameter of the adversarial methods: the domain head's BatchNorm sees both domains at once
+         # the second hyperparameter of the adversarial methods, at their alpha: the domain head's BatchNorm sees both
+         # domains at once (--recipe best's default since it won on both pairs)
          "adv-concat-head": (("dann", "cdan", "cdan-e"), ("0.1",), ("--bn", "concat-head"))}
 
 
