@@ -67,14 +67,15 @@ def main() -> None:
         ck = a.run_dir / "checkpoints" / f"{DANN.file_prefix(args)}seed{seed}_best_dann_final.pth"  # a multi-seed run
         ck = ck if ck.exists() else ck.with_name(f"{DANN.file_prefix(args)}best_dann_final.pth")
         start = DANN.load_checkpoint(ck)
-        phase = next(ph for ph in DANN.plan(args) if ph.name == "refine")
         for v in a.variants:
             DANN.set_seed(seed)
             model = ctx.new_model(args.cls_dropout)
             model.load_state_dict(start["model"])
             t0 = time.time()
-            w = 0.0 if v == "target-only" else args.refine_src_weight
-            ph = dataclasses.replace(phase, objective=VARIANTS[v](args.refine), labelled="src" if w else "", weight=w)
+            # DANN.plan builds the refine phase (source batches and weight follow --refine-src-weight) ...
+            v_args = argparse.Namespace(**{**vars(args), **({"refine_src_weight": 0.0} if v == "target-only" else {})})
+            phase = next(ph for ph in DANN.plan(v_args) if ph.name == "refine")
+            ph = dataclasses.replace(phase, objective=VARIANTS[v](args.refine))  # ... the variant swaps the objective
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
             guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")
