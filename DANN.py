@@ -783,10 +783,10 @@ def vat_loss(classify: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return kl_div(logp, classify(x + eps * _unit(g.detach().float()).to(x.dtype)))
 
 
-def both_domains(fn: Callable[..., tuple], xs: torch.Tensor, xt: torch.Tensor, bn: str) -> tuple[tuple, tuple]:
+def both_domains(fn: Callable[..., tuple], xs: torch.Tensor, xt: torch.Tensor, joint: bool) -> tuple[tuple, tuple]:
     """Run fn on source and target in separate passes, so each BatchNorm normalises a domain with its own batch
-    statistics (the report), or on one joint batch (--bn concat; concat-head: the domain head's, to keep the shift)."""
-    if bn != "concat":
+    statistics (the report), or on one joint batch whose statistics mix the domains (see --bn)."""
+    if not joint:
         return fn(xs), fn(xt)
     out, n = fn(torch.cat([xs, xt])), len(xs)
     return tuple(o[:n] for o in out), tuple(o[n:] for o in out)
@@ -822,7 +822,7 @@ class Adversarial:
         self.kind, self.proj = kind, None
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s), (logp_t, f_t) = both_domains(model.features, b.xs, b.xt, args.bn)
+        (logp_s, f_s), (logp_t, f_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
         z_s, z_t = f_s, f_t
         if self.kind != "dann":
             if self.proj is None or self.proj[0].device != f_s.device:  # one fixed draw, from its own generator
@@ -830,7 +830,7 @@ class Adversarial:
                 self.proj = tuple(torch.randn(n, 1250, generator=g).to(f_s.device) for n in (1250, 10))
             z_s, z_t = (multilinear(f, lp.detach().float().exp().to(f.dtype), *self.proj)
                         for f, lp in ((f_s, logp_s), (f_t, logp_t)))
-        (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn.replace("-head", ""))
+        (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn != "separate")
         n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)
         nll = F.nll_loss(torch.cat([d_s, d_t]), dom, reduction="none")
@@ -877,7 +877,7 @@ def align_objective(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     reads; no domain head. (The 100-d label-head features sit behind a BatchNorm that, in separate passes, has already
     standardised each domain on its own: there CORAL's diagonal and most of MMD's mean term vanish by construction.)"""
     def objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s), (_, f_t) = both_domains(model.features, b.xs, b.xt, args.bn)
+        (logp_s, f_s), (_, f_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
         loss_y, loss_a = F.nll_loss(logp_s, b.ys), distance(f_s, f_t)
         return {"loss": loss_y + b.w * b.lam * loss_a, "cls_loss": loss_y, "align_loss": loss_a,
                 "src_acc": accuracy(logp_s, b.ys)}
