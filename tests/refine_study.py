@@ -5,7 +5,8 @@ too, to report: no choice reads it.
     python tests/refine_study.py --run-dir OUT --seeds 1 2 3 --variants target-only default \\
         -- --source mnist --target usps --data-dir data --offline --epochs 6 --warmup-epochs 2 --refine-epochs 6
 
-Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoints/<prefix>seed<N>_best_dann_final.pth.
+Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoints/<prefix>seed<N>_best_dann_final.pth
+(with --method M, best_M_final.pth: any adapted method's checkpoint).
 Variants:
   default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA as teacher,
                    and the source cross-entropy at --refine-src-weight (source batches under their own statistics).
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--method", choices=DANN.METHODS, default="dann",
+                   help="the adapted method to refine, read from its best_<method>_final checkpoint (default: dann)")
     p.add_argument("--json", type=Path, help="append one JSON line per (variant, seed) here")
     p.add_argument("flags", nargs=argparse.REMAINDER)
     a = p.parse_args()
@@ -64,8 +67,9 @@ def main() -> None:
         args = DANN.parse_args(flags + ["--seeds", *map(str, a.seeds), "--no-plots"])
         ctx = DANN.make_ctx(args, lambda s: None)
         data = DANN.load_data(args, seed, ctx.device, lambda s: None)
-        ck = a.run_dir / "checkpoints" / f"{DANN.file_prefix(args)}seed{seed}_best_dann_final.pth"  # a multi-seed run
-        ck = ck if ck.exists() else ck.with_name(f"{DANN.file_prefix(args)}best_dann_final.pth")
+        name = f"best_{a.method}_final.pth"
+        ck = a.run_dir / "checkpoints" / f"{DANN.file_prefix(args)}seed{seed}_{name}"  # a multi-seed run
+        ck = ck if ck.exists() else ck.with_name(f"{DANN.file_prefix(args)}{name}")
         start = DANN.load_checkpoint(ck)
         for v in a.variants:
             DANN.set_seed(seed)
@@ -73,15 +77,16 @@ def main() -> None:
             model.load_state_dict(start["model"])
             t0 = time.time()
             # DANN.plan builds the refine phase (source batches and weight follow --refine-src-weight) ...
-            v_args = argparse.Namespace(**{**vars(args), **({"refine_src_weight": 0.0} if v == "target-only" else {})})
-            phase = next(ph for ph in DANN.plan(v_args) if ph.name == "refine")
+            v_args = argparse.Namespace(**{**vars(args), "method": [a.method],
+                                           **({"refine_src_weight": 0.0} if v == "target-only" else {})})
+            phase = next(ph for ph in DANN.plan(v_args) if isinstance(ph.objective, DANN.Refiner))
             ph = dataclasses.replace(phase, objective=VARIANTS[v](args.refine))  # ... the variant swaps the objective
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
             guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")
             bn = DANN.domain_bn(keep, data, ctx) if args.eval_bn == "domain" else None
             test = DANN.test_metrics(keep, data, ctx, bn)[0]  # reported only: the choice reads target val
-            row = {"pair": data.pair, "seed": seed, "variant": v,
+            row = {"pair": data.pair, "method": a.method, "seed": seed, "variant": v,
                    "start_tgt_val_acc": start["metrics"]["tgt_val_acc_monitoring"],
                    "tgt_val_acc": [round(h["tgt_val_acc"], 4) for h in hist],
                    "src_val_acc": [round(h["src_val_acc"], 4) for h in hist],
