@@ -12,6 +12,8 @@ Variants:
                    and the source cross-entropy at --refine-src-weight (source batches under their own statistics).
   target-only      the same with --refine-src-weight 0: target batches only.
   student-teacher  the default, but the teacher is a copy of the student (not of the EMA) at each epoch start.
+  ema-teacher      the default, but the teacher is the EMA itself: it moves at every step (Mean Teacher), not once an
+                   epoch.
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -36,6 +38,12 @@ class StudentTeacher(DANN.Refiner):
         super().epoch_start(model, model, data, ctx)
 
 
+class EMATeacher(DANN.Refiner):
+    def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
+        super().epoch_start(model, keep, data, ctx)
+        self.teacher = keep.eval()  # no copy: ema_update moves it after every step
+
+
 class BatchBN(DANN.Refiner):
     def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
         model.train()
@@ -49,7 +57,7 @@ class BatchBN(DANN.Refiner):
 
 
 VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "student-teacher": StudentTeacher,
-            "batch-bn": BatchBN}
+            "ema-teacher": EMATeacher, "batch-bn": BatchBN}
 
 
 def main() -> None:
