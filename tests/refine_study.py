@@ -59,6 +59,10 @@ class BatchBN(DANN.Refiner):
 VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "student-teacher": StudentTeacher,
             "ema-teacher": EMATeacher, "batch-bn": BatchBN}
 
+# The flags that decide the data, the network and its evaluation: the study's flags must repeat the run's.
+SAME_AS_RUN = ("source", "target", "demo", "protocol", "tgt_split", "norm", "bn", "cls_dropout", "eval_bn",
+               "batch_size")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,12 +77,19 @@ def main() -> None:
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     for seed in a.seeds:
         args = DANN.parse_args(flags + ["--seeds", *map(str, a.seeds), "--no-plots"])
-        ctx = DANN.make_ctx(args, lambda s: None)
-        data = DANN.load_data(args, seed, ctx.device, lambda s: None)
         name = f"best_{a.method}_final.pth"
         ck = a.run_dir / "checkpoints" / f"{DANN.file_prefix(args)}seed{seed}_{name}"  # a multi-seed run
         ck = ck if ck.exists() else ck.with_name(f"{DANN.file_prefix(args)}{name}")
         start = DANN.load_checkpoint(ck)
+        # Refinement must read the splits and inputs the adapted model was trained on. A flag left out of the run's
+        # flags changes them silently (the pooled protocol is the default for an MNIST-M target), so refuse.
+        run = start.get("config", {})
+        wrong = [f"--{k.replace('_', '-')} {run[k]} (given {getattr(args, k)})" for k in SAME_AS_RUN
+                 if k in run and run[k] != getattr(args, k)]
+        if wrong:
+            sys.exit(f"{ck} was trained with " + ", ".join(wrong) + ": repeat the run's flags after --")
+        ctx = DANN.make_ctx(args, lambda s: None)
+        data = DANN.load_data(args, seed, ctx.device, lambda s: None)
         for v in a.variants:
             DANN.set_seed(seed)
             model = ctx.new_model(args.cls_dropout)
