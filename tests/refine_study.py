@@ -6,7 +6,8 @@ too, to report: no choice reads it.
         -- --source mnist --target usps --data-dir data --offline --epochs 6 --warmup-epochs 2 --refine-epochs 6
 
 Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoints/<prefix>seed<N>_best_dann_final.pth
-(with --method M, best_M_final.pth: any adapted method's checkpoint).
+(with --method M, best_M_final.pth: any adapted method's checkpoint). Flags that would read other data than the run
+did (another protocol, split, normalisation, BatchNorm mode or batch size) are refused: the checkpoint's config decides.
 Variants:
   default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA as teacher,
                    and the source cross-entropy at --refine-src-weight (source batches under their own statistics).
