@@ -15,6 +15,10 @@ Variants:
   student-teacher  the default, but the teacher is a copy of the student (not of the EMA) at each epoch start.
   ema-teacher      the default, but the teacher is the EMA itself: it moves at every step (Mean Teacher), not once an
                    epoch.
+  class-balanced   the default, but each class's confidence threshold is FlexMatch's (Zhang et al. 2021), the
+                   --pseudo-threshold scaled by how many target images the teacher already labels confidently as that
+                   class relative to the most confident class, so hard classes are not starved. The teacher is fixed
+                   for an epoch, so these counts are taken once, over the whole target train split, at its start.
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -28,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +50,21 @@ class EMATeacher(DANN.Refiner):
         self.teacher = keep.eval()  # no copy: ema_update moves it after every step
 
 
+class ClassBalanced(DANN.Refiner):
+    def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
+        super().epoch_start(model, keep, data, ctx)
+        conf, label = DANN.predict(self.teacher, data.tgt.splits["train"][0], data.tgt.norm, ctx)[0].exp().max(1)
+        sigma = torch.bincount(label[conf >= self.tau], minlength=10).float()  # each class's learning status
+        beta = sigma / sigma.max().clamp_min(1)
+        self.thresholds = self.tau * beta / (2 - beta)  # FlexMatch's convex map: the best-learnt class keeps tau
+
+    def __call__(self, model: DANN.DANN, b: DANN.Batch, args: argparse.Namespace) -> DANN.Losses:
+        with torch.no_grad():
+            label = self.teacher.classify(b.xt).argmax(1)  # the label Refiner's teacher pass gives each image
+        per_image = argparse.Namespace(**{**vars(args), "pseudo_threshold": self.thresholds[label]})
+        return super().__call__(model, b, per_image)
+
+
 class BatchBN(DANN.Refiner):
     def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
         model.train()
@@ -58,7 +78,7 @@ class BatchBN(DANN.Refiner):
 
 
 VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "student-teacher": StudentTeacher,
-            "ema-teacher": EMATeacher, "batch-bn": BatchBN}
+            "ema-teacher": EMATeacher, "class-balanced": ClassBalanced, "batch-bn": BatchBN}
 
 # The flags that decide the data, the network and its evaluation: the study's flags must repeat the run's.
 SAME_AS_RUN = ("source", "target", "demo", "protocol", "tgt_split", "norm", "bn", "cls_dropout", "eval_bn",
@@ -100,7 +120,9 @@ def main() -> None:
             v_args = argparse.Namespace(**{**vars(args), "method": [a.method],
                                            **({"refine_src_weight": 0.0} if v == "target-only" else {})})
             phase = next(ph for ph in DANN.plan(v_args) if isinstance(ph.objective, DANN.Refiner))
-            ph = dataclasses.replace(phase, objective=VARIANTS[v](args.refine))  # ... the variant swaps the objective
+            objective = VARIANTS[v](args.refine)  # ... the variant swaps the objective
+            objective.tau = args.pseudo_threshold
+            ph = dataclasses.replace(phase, objective=objective)
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
             guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")

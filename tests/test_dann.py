@@ -1015,6 +1015,16 @@ def test_usps_and_svhn_read_as_torchvision_reads_them(all_data: dict) -> None:
     assert (y == 0).sum() == 15  # stored as 10
 
 
+def test_usps_gets_mnists_framing_before_the_resize(all_data: dict) -> None:
+    # torchvision's USPS digits fill their 16 px; MNIST's sit in a 20-px box of 28. load_data adds a 3-px blank margin.
+    _, _, xt, _ = DANN.load_torchvision("usps", all_data["data_dir"], offline=True)
+    data = DANN.load_data(DANN.parse_args(pair_flags(all_data, "usps", "mnist")), 0, torch.device("cpu"), print)
+    assert torch.equal(data.src.splits["test"][0], DANN.resize32(torch.nn.functional.pad(xt, (3, 3, 3, 3))))
+    train = data.src.splits["train"][0]  # resized per batch, so still at 22 px here
+    assert train.shape[-2:] == (22, 22) and train[..., :3, :].sum() == train[..., -3:].sum() == 0
+    assert train[..., 3:-3, 3:-3].sum() > 0
+
+
 @pytest.mark.parametrize("name,damage", [("usps", "missing"), ("usps", "corrupt"), ("svhn", "missing"),
                                          ("svhn", "corrupt"), ("mnist", "missing")])
 def test_missing_or_corrupt_data_files_give_one_line(tmp_path: Path, all_data: dict, name: str, damage: str,
