@@ -134,10 +134,11 @@ def main() -> None:
                a.data_dir, "--offline", "--epochs", "3", "--num-workers", "8", "--out-dir", str(out), *a.extra.split()]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, t_end - time.time() - 5))
-            say("\n".join(ln for ln in r.stdout.splitlines() if ln.startswith("benchmark:")) or r.stderr[-800:])
+            text, fallback = r.stdout, r.stderr[-800:]
         except subprocess.TimeoutExpired as e:  # what it printed before the budget ran out still counts
-            out_text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            say("\n".join(ln for ln in out_text.splitlines() if ln.startswith("benchmark:")) or "benchmark: timeout")
+            text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")  # bytes even with text=True
+            fallback = "benchmark: timeout"
+        say("\n".join(ln for ln in text.splitlines() if ln.startswith("benchmark:")) or fallback)
     say(f"== end {time.strftime('%H:%M:%S')}")
 
 
