@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refine-epochs", type=int, default=10, help="fixed refinement budget, epochs")
     f.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
     f.add_argument("--vat-eps", type=float, default=3.5, help="VAT radius (dirt-t, --vada), normalised input units")
-    f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the refined weights")
+    f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of refined weights; 0: none, student teaches")
     f.add_argument("--refine-src-weight", type=float, default=1.0, help="source cross-entropy weight; 0 = none")
     f.add_argument("--pseudo-threshold", type=float, default=0.9, help="teacher confidence a pseudo-label needs")
     f.add_argument("--oracle", action="store_true", help="also train on the *labelled* target: the ceiling")
@@ -911,12 +911,12 @@ GUARD = {"src_val_acc": 0.05, "tgt_class_entropy": 0.1}
 
 
 class Refiner:
-    """Refinement learns from unlabelled target batches against a teacher: a frozen copy of the kept weights (the EMA)
-    taken at each epoch start, one self-training round per epoch (DIRT-T's proximal teacher). The phase runs in eval
-    mode (Phase.frozen): no dropout, and every BatchNorm of student and teacher normalises with clean target statistics
-    measured at each epoch start, as evaluation does; batch statistics would normalise augmented views by their own.
-    'dirt-t': entropy + VAT + KL(teacher || student), DIRT-T's equal weights; 'pseudo': cross-entropy on a strongly
-    augmented view against the teacher's label where it is confident. Both add --refine-src-weight x source CE."""
+    """Refinement learns from unlabelled target batches against a teacher. 'pseudo': cross-entropy on a strongly
+    augmented view against the teacher's label where it is confident; its teacher is the kept EMA itself, moving every
+    step (Mean Teacher: +2.7 points of MNIST -> MNIST-M target val over a copy refreshed each epoch, README). 'dirt-t':
+    entropy + VAT + KL(teacher || student), DIRT-T's equal weights, against a frozen copy of the EMA taken each epoch
+    (its proximal teacher). Both add --refine-src-weight x source CE. Eval mode (Phase.frozen): no dropout, and every
+    BatchNorm of student and teacher normalises with clean target statistics measured at each epoch start."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self.teacher = kind, None
@@ -924,7 +924,7 @@ class Refiner:
     def epoch_start(self, model: DANN, keep: DANN, data: Data, ctx: "Ctx") -> None:
         for m in dict.fromkeys((model, keep)):  # the EMA gets statistics of its own weights, not the student's
             m.load_state_dict(bn_stats(m, data.tgt.splits["train"][0], data.tgt.norm, ctx), strict=False)
-        self.teacher = copy.deepcopy(keep).eval().requires_grad_(False)
+        self.teacher = keep.eval() if self.kind == "pseudo" else copy.deepcopy(keep).eval().requires_grad_(False)
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
         out: Losses = {}

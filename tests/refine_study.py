@@ -9,16 +9,17 @@ Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoint
 (with --method M, best_M_final.pth: any adapted method's checkpoint). Flags that would read other data than the run
 did (another protocol, split, normalisation, BatchNorm mode or batch size) are refused: the checkpoint's config decides.
 Variants:
-  default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA as teacher,
-                   and the source cross-entropy at --refine-src-weight (source batches under their own statistics).
+  default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA itself as
+                   teacher (it moves after every step: Mean Teacher), and the source cross-entropy at
+                   --refine-src-weight (source batches under their own statistics).
   target-only      the same with --refine-src-weight 0: target batches only.
-  student-teacher  the default, but the teacher is a copy of the student (not of the EMA) at each epoch start.
-  ema-teacher      the default, but the teacher is the EMA itself: it moves at every step (Mean Teacher), not once an
-                   epoch.
+  epoch-copy       the default, but the teacher is a frozen copy of the EMA taken at each epoch start (DIRT-T's proximal
+                   teacher; the default before the EMA itself).
+  student-teacher  the default, but the teacher is a frozen copy of the student (not of the EMA) at each epoch start.
   class-balanced   the default, but each class's confidence threshold is FlexMatch's (Zhang et al. 2021), the
                    --pseudo-threshold scaled by how many target images the teacher already labels confidently as that
-                   class relative to the most confident class, so hard classes are not starved. The teacher is fixed
-                   for an epoch, so these counts are taken once, over the whole target train split, at its start.
+                   class relative to the most confident class, so hard classes are not starved. These counts are taken
+                   once an epoch, over the whole target train split, at its start.
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -39,15 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import DANN  # noqa: E402
 
 
-class StudentTeacher(DANN.Refiner):
+class EpochCopy(DANN.Refiner):
+    of_student = False
+
     def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
-        super().epoch_start(model, model, data, ctx)
+        source = model if self.of_student else keep
+        super().epoch_start(model, source, data, ctx)
+        self.teacher = copy.deepcopy(source).eval().requires_grad_(False)  # fixed until the next epoch starts
 
 
-class EMATeacher(DANN.Refiner):
-    def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
-        super().epoch_start(model, keep, data, ctx)
-        self.teacher = keep.eval()  # no copy: ema_update moves it after every step
+class StudentTeacher(EpochCopy):
+    of_student = True
 
 
 class ClassBalanced(DANN.Refiner):
@@ -77,8 +80,8 @@ class BatchBN(DANN.Refiner):
             m.track_running_stats = False
 
 
-VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "student-teacher": StudentTeacher,
-            "ema-teacher": EMATeacher, "class-balanced": ClassBalanced, "batch-bn": BatchBN}
+VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "epoch-copy": EpochCopy,
+            "student-teacher": StudentTeacher, "class-balanced": ClassBalanced, "batch-bn": BatchBN}
 
 # The flags that decide the data, the network and its evaluation: the study's flags must repeat the run's.
 SAME_AS_RUN = ("source", "target", "demo", "protocol", "tgt_split", "norm", "bn", "cls_dropout", "eval_bn",

@@ -779,6 +779,29 @@ def test_refinement_trains_with_the_batchnorm_statistics_evaluation_uses(tmp_pat
     assert all(torch.equal(kept.state_dict()[k], v) for k, v in ema_own.items())
 
 
+def test_pseudo_labels_follow_the_ema_every_step_while_dirt_t_keeps_its_epoch_copy(tmp_path: Path,
+                                                                                    fake_data: dict) -> None:
+    args = DANN.parse_args(tiny_flags(fake_data, tmp_path) + ["--no-amp", "--protocol", "official"])
+    ctx = DANN.make_ctx(args, lambda s: None)
+    data = DANN.load_data(args, 0, ctx.device, ctx.log)
+    x = DANN.normalize(data.tgt.splits["val"][0], data.tgt.norm)
+    for kind in ("pseudo", "dirt-t"):
+        model = ctx.new_model(args.cls_dropout)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        refiner = DANN.Refiner(kind)
+        refiner.epoch_start(model, ema, data, ctx)
+        with torch.no_grad():
+            before = refiner.teacher.classify(x)
+            for w in model.parameters():  # a student step far from the EMA, which then follows it halfway
+                w.add_(torch.randn_like(w))
+            DANN.ema_update(ema, model, 0.5)
+            after, ema_now = refiner.teacher.classify(x), ema.classify(x)
+        if kind == "pseudo":
+            assert torch.equal(after, ema_now) and not torch.allclose(after, before)
+        else:
+            assert torch.equal(after, before) and not torch.allclose(after, ema_now)
+
+
 @pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_refinement_keeps_the_source_cross_entropy_at_its_weight_under_source_batch_statistics(weight: float) -> None:
     torch.manual_seed(0)
