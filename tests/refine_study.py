@@ -20,6 +20,7 @@ Variants:
                    --pseudo-threshold scaled by how many target images the teacher already labels confidently as that
                    class relative to the most confident class, so hard classes are not starved. These counts are taken
                    once an epoch, over the whole target train split, at its start.
+  no-cutout        the default, but the strong view keeps every pixel: no Cutout square (the default before it).
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -68,6 +70,16 @@ class ClassBalanced(DANN.Refiner):
         return super().__call__(model, b, per_image)
 
 
+class NoCutout(DANN.Refiner):
+    def __call__(self, model: DANN.DANN, b: DANN.Batch, args: argparse.Namespace) -> DANN.Losses:
+        plain = DANN.strong_augment  # Refiner.__call__ reads the module's name at call time
+        DANN.strong_augment = functools.partial(plain, hole=0)
+        try:
+            return super().__call__(model, b, args)
+        finally:
+            DANN.strong_augment = plain
+
+
 class BatchBN(DANN.Refiner):
     def epoch_start(self, model: DANN.DANN, keep: DANN.DANN, data: DANN.Data, ctx: DANN.Ctx) -> None:
         model.train()
@@ -81,7 +93,8 @@ class BatchBN(DANN.Refiner):
 
 
 VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "epoch-copy": EpochCopy,
-            "student-teacher": StudentTeacher, "class-balanced": ClassBalanced, "batch-bn": BatchBN}
+            "student-teacher": StudentTeacher, "class-balanced": ClassBalanced, "no-cutout": NoCutout,
+            "batch-bn": BatchBN}
 
 # The flags that decide the data, the network and its evaluation: the study's flags must repeat the run's.
 SAME_AS_RUN = ("source", "target", "demo", "protocol", "tgt_split", "norm", "bn", "cls_dropout", "eval_bn",

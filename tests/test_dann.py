@@ -661,15 +661,26 @@ def test_proxy_a_distance_is_near_zero_for_one_distribution_and_near_two_for_sep
     assert DANN.proxy_a_distance(rng.randn(400, 10), rng.randn(400, 10) + 4) > 1.9
 
 
-def test_strong_augment_keeps_shape_and_only_moves_permutes_and_flips() -> None:
+def test_strong_augment_moves_permutes_flips_and_blanks_one_square() -> None:
     torch.manual_seed(0)
-    x = torch.zeros(8, 3, 32, 32)
+    x = torch.zeros(64, 3, 32, 32)
     x[:, 0] = 1.0  # red channel only
-    y = DANN.strong_augment(x, shift=0)
+    y = DANN.strong_augment(x, shift=0, hole=0)
     assert y.shape == x.shape
     for img in y:  # one channel is +-1 everywhere, the others 0
         nonzero = [c for c in range(3) if img[c].abs().sum() > 0]
         assert len(nonzero) == 1 and set(img[nonzero[0]].unique().tolist()) <= {1.0, -1.0}
+    sides = []
+    for img in DANN.strong_augment(x, shift=0, hole=16):  # Cutout: one square, every channel 0, the rest untouched
+        blank = img.abs().sum(0) == 0
+        rows, cols = blank.any(1).nonzero().flatten(), blank.any(0).nonzero().flatten()
+        side = len(rows)
+        if side:
+            assert len(cols) == side <= 16 and blank.sum() == side * side
+            assert rows.max() - rows.min() + 1 == side and cols.max() - cols.min() + 1 == side
+        assert img.abs().sum() == 32 * 32 - side * side
+        sides.append(side)
+    assert len(set(sides)) > 5 and min(sides) <= 2 and max(sides) >= 12  # sizes 0..16 drawn per image
 
 
 # ---------------------------------------------------------------------------------------------- bf16, hints
