@@ -920,7 +920,7 @@ class Refiner:
     dropout, and every BatchNorm of student and teacher normalises with clean target statistics measured each epoch."""
 
     def __init__(self, kind: str) -> None:
-        self.kind, self.teacher = kind, None
+        self.kind, self.teacher, self.augment = kind, None, strong_augment  # a study may swap the view
 
     def epoch_start(self, model: DANN, keep: DANN, data: Data, ctx: "Ctx") -> None:
         for m in dict.fromkeys((model, keep)):  # the EMA gets statistics of its own weights, not the student's
@@ -937,7 +937,7 @@ class Refiner:
         if self.kind == "pseudo":
             conf, label = t.float().exp().max(1)
             mask = (conf >= args.pseudo_threshold).float()
-            logp = model.classify(strong_augment(b.xt).to(b.xt.dtype).contiguous(memory_format=torch.channels_last))
+            logp = model.classify(self.augment(b.xt).to(b.xt.dtype).contiguous(memory_format=torch.channels_last))
             loss = (F.nll_loss(logp, label, reduction="none") * mask).mean()
             out.update(pseudo_loss=loss, pseudo_rate=mask.mean())
         else:

@@ -71,13 +71,9 @@ class ClassBalanced(DANN.Refiner):
 
 
 class NoCutout(DANN.Refiner):
-    def __call__(self, model: DANN.DANN, b: DANN.Batch, args: argparse.Namespace) -> DANN.Losses:
-        plain = DANN.strong_augment  # Refiner.__call__ reads the module's name at call time
-        DANN.strong_augment = functools.partial(plain, hole=0)
-        try:
-            return super().__call__(model, b, args)
-        finally:
-            DANN.strong_augment = plain
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.augment = functools.partial(DANN.strong_augment, hole=0)
 
 
 class BatchBN(DANN.Refiner):
