@@ -26,6 +26,7 @@ import csv
 import ctypes
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -63,8 +64,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPES["best"] = dict(RECIPES["report"], bn="concat-head", cls_dropout="element", select="tgt-entropy",
                        eval_bn="domain", refine="pseudo", norm="per-domain", dom_weight=None)
 # --demo: ~650 source images, batch 64 (a tenth of a real pair's steps); its validation keeps alpha 1, --bn separate.
-DEMO_DEFAULTS = dict(batch_size=64, epochs=60, warmup_epochs=5, patience=10, refine_epochs=20, protocol="official",
-                     dom_weight=1.0, bn="separate")
+DEMO_DEFAULTS = dict(batch_size=64, epochs=60, warmup_epochs=5, patience=10, refine_epochs=20, refine_batch_size=64,
+                     protocol="official", dom_weight=1.0, bn="separate")
 DOMAINS = {"mnist": "MNIST", "mnistm": "MNIST-M", "usps": "USPS", "svhn": "SVHN"}  # --source/--target: display name
 REPORT_NORM = {"mnist": (0.1307, 0.3081)}  # the report's transforms; every other domain 0.5/0.5
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pseudo: confident teacher labels on augmented target images")
     f.add_argument("--refine-epochs", type=int, default=10, help="fixed refinement budget, epochs")
     f.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
+    f.add_argument("--refine-batch-size", type=int, default=256, help="target (and source) images per refinement step")
     f.add_argument("--vat-eps", type=float, default=3.5, help="VAT radius (dirt-t, --vada), normalised input units")
     f.add_argument("--ema-decay", type=float, default=0.99, help="EMA of refined weights; 0: none, student teaches")
     f.add_argument("--refine-src-weight", type=float, default=1.0, help="source cross-entropy weight; 0 = none")
@@ -209,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (any(f <= 0 for f in args.tgt_split) or abs(sum(args.tgt_split) - 1) > 1e-6,
          f"--tgt-split fractions must be positive and sum to 1, got {args.tgt_split}"),
         *[(getattr(args, k) <= 0, f"--{k.replace('_', '-')} must be positive")
-          for k in ("epochs", "batch_size", "patience", "lr", "refine_lr", "refine_epochs")],
+          for k in ("epochs", "batch_size", "patience", "lr", "refine_lr", "refine_epochs", "refine_batch_size")],
         *[((getattr(args, k) or 0) < 0, f"--{k.replace('_', '-')} must be >= 0") for k in (  # dom_weight may be None
             "gamma", "warmup_epochs", "min_delta", "num_workers", "vat_eps", "dom_weight", "refine_src_weight")],
         (not 0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
@@ -220,8 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
          f"--tsne-epochs must be adaptation epochs between 1 and --epochs ({args.epochs})"),
         (args.data_path == "device" and "num_workers" in given, "--num-workers is for --data-path loader"),
         (args.no_plots and bool(given & {"tsne_epochs", "tsne_points"}), "--no-plots draws no t-SNE: drop --tsne-*"),
-        (args.refine == "none" and bool(given & {"refine_epochs", "refine_lr", "ema_decay", "refine_src_weight"}),
-         "--refine-epochs, --refine-lr, --refine-src-weight and --ema-decay need --refine pseudo or dirt-t"),
+        *[(args.refine == "none" and k in given, f"--{k.replace('_', '-')} needs --refine pseudo or dirt-t")
+          for k in ("refine_epochs", "refine_lr", "refine_batch_size", "refine_src_weight", "ema_decay")],
         ("pseudo_threshold" in given and args.refine != "pseudo", "--pseudo-threshold needs --refine pseudo"),
         ("vat_eps" in given and args.refine != "dirt-t" and not args.vada, "--vat-eps needs --refine dirt-t or --vada"),
         (args.eval_only and args.checkpoint is None, "--eval-only needs --checkpoint PATH"),
@@ -344,8 +346,7 @@ def _mnistm_listing(root: Path) -> dict[str, tuple[list[Path], list[int]]]:
                 imgs = sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTS)
                 if not imgs:
                     raise UserError(f"class folder {c} has no images")
-                files += imgs
-                labels += [int(c.name)] * len(imgs)
+                files, labels = files + imgs, labels + [int(c.name)] * len(imgs)
             if not files:
                 raise UserError(f"{root / name} has no class folders 0-9; {both}")
             order = sorted(range(len(files)), key=lambda i: files[i].name)  # the release's order, as layout (b) has it
@@ -420,9 +421,7 @@ def load_mnistm(root: Path, cache_dir: Path, skip_bad: bool, log: Callable[[str]
         except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
             pass
         log(f"data: cache {cache} is corrupt or stale; rebuilding it")
-    t0 = time.time()
-    arrays: dict[str, Any] = {"key": np.array(key)}
-    fixed = 0
+    t0, fixed, arrays = time.time(), 0, {"key": np.array(key)}
     for split in ("train", "test"):
         files, labels = listing[split]
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -617,9 +616,9 @@ class Batches:
     the report-style DataLoader (`--data-path loader`). An epoch asks for as many batches as the larger domain
     gives; the smaller domain then starts over, freshly shuffled, as often as it needs to."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, norm: tuple[float, float], args: argparse.Namespace,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, norm: tuple[float, float], bs: int, args: argparse.Namespace,
                  ctx: "Ctx") -> None:
-        self.norm, self.bs, self.ctx, self.n = norm, args.batch_size, ctx, len(x)
+        self.norm, self.bs, self.ctx, self.n = norm, bs, ctx, len(x)
         if args.data_path == "device":
             self.x, self.y, self.loader = resize32(x.to(ctx.device)), y.to(ctx.device), None
         else:
@@ -980,6 +979,7 @@ class Phase:
     objective: Callable[..., Losses]
     epochs: int
     lr: float
+    batch_size: int = 0  # images per domain per step; 0: --batch-size
     labelled: str = "src"  # labelled batches from 'src', from 'tgt' (the oracle: reads target labels), or ''
     unlabelled: bool = False  # also zip in unlabelled target-train batches
     ramp: bool = False  # the adaptation weight follows lambda(p) (else 1)
@@ -1141,10 +1141,12 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
     point['snap'] holds everything a resumed run needs (the caller saves it on Ctrl-C or a NaN)."""
     opt = make_optimizer(model, args, phase.lr, ctx.device)
     labelled = {"src": data.src, "tgt": data.tgt}.get(phase.labelled)  # 'tgt': the oracle, on target labels
-    sides = [Batches(*d.splits["train"], d.norm, args, ctx) if d else None
+    bs = phase.batch_size or args.batch_size
+    sides = [Batches(*d.splits["train"], d.norm, bs, args, ctx) if d else None
              for d in (labelled, data.tgt if phase.unlabelled else None)]  # labelled, unlabelled target
-    # An epoch is one pass over the pair's larger training domain in every phase: all phases count the same steps.
-    steps = max(len(dom.splits["train"][0]) for _, dom in data.domains()) // args.batch_size
+    # An epoch is one pass over the pair's larger training domain in every phase: refinement's smaller batches take
+    # more steps per epoch (README: twice the updates at half the batch lifted target val).
+    steps = max(len(dom.splits["train"][0]) for _, dom in data.domains()) // bs
     max_steps = phase.epochs * steps
     # The whole weight schedule lives on the device, so a step reads it without a host->device copy.
     lambdas = (lambda_schedule(torch.arange(max_steps, device=ctx.device) / max_steps, args.gamma) if phase.ramp
@@ -1152,8 +1154,7 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
     stopper = EarlyStopping(args.patience, args.min_delta, phase.warmup)
     ema = copy.deepcopy(model).requires_grad_(False) if phase.ema else None
     keep = ema if ema is not None else model
-    history: list[dict] = []
-    start, finished = 0, False
+    history, start, finished = [], 0, False
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -1448,9 +1449,10 @@ def plan(args: argparse.Namespace) -> list[Phase]:
                             **base))
         if args.refine != "none":  # DANN's refinement is plain 'refine', the report's only method
             phases.append(Phase("refine" if m == "dann" else f"{m}_refine", Refiner(args.refine), args.refine_epochs,
-                                args.refine_lr, labelled="src" if args.refine_src_weight else "", unlabelled=True,
-                                weight=args.refine_src_weight, select="last", ema=args.ema_decay, frozen=True,
-                                method=m, checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
+                                args.refine_lr, args.refine_batch_size, "src" if args.refine_src_weight else "",
+                                unlabelled=True, weight=args.refine_src_weight, select="last", ema=args.ema_decay,
+                                frozen=True, method=m,
+                                checkpoint="best_refined" if m == "dann" else f"best_{m}_refined"))
     if args.oracle:
         phases.append(Phase("oracle", source_objective, args.epochs, args.lr, labelled="tgt", select="tgt-val-loss",
                             checkpoint="best_oracle", **base))
@@ -1487,12 +1489,11 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
     resume = resume if resume is not None and resume.get("state") is not None else None
     set_seed(seed)
     data = load_data(args, seed, ctx.device, ctx.log)
-    for dom, d in (("source", data.src), ("target", data.tgt)):
-        if args.batch_size > len(d.splits["train"][0]):
-            raise UsageError(f"--batch-size {args.batch_size} is larger than the {dom} train split "
-                             f"({len(d.splits['train'][0])} images)")
+    sizes = {"batch-size": args.batch_size, "refine-batch-size": args.refine_batch_size if args.refine != "none" else 0}
+    for (dom, d), (flag, bs) in itertools.product((("source", data.src), ("target", data.tgt)), sizes.items()):
+        if bs > (n := len(d.splits["train"][0])):
+            raise UsageError(f"--{flag} {bs} is larger than the {dom} train split ({n} images)")
     prefix = file_prefix(args) + (f"seed{seed}_" if len(args.seeds) > 1 else "")
-    plots = not args.no_plots
     pts, pad_pts = TestSample.pick(data, args.tsne_points // 2, seed), TestSample.pick(data, PAD_IMAGES, seed + 1)
     # Everything a resumed run needs from the phases before the interrupted one travels in `state`.
     state: dict[str, Any] = resume["state"] if resume is not None else {
@@ -1521,7 +1522,7 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
             """Per adaptation epoch: the proxy A-distance, and the t-SNE features of the chosen epochs."""
             if name not in METHODS:
                 return {}
-            if name == first and epoch in args.tsne_epochs and plots:
+            if name == first and epoch in args.tsne_epochs and not args.no_plots:
                 state["probes"][f"{name} epoch {epoch}"] = pts.features(m, data, ctx, bn)
             return {"pad": pad_pts.pad(m, data, ctx, bn)}
 
@@ -1541,7 +1542,7 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         state["done"].append(phase.name)
     point["snap"] = {"phase": "", "epoch": 0, "seed": seed, "state": copy.deepcopy(state)}
     write_csv(out["checkpoints"] / f"{prefix}metrics.csv", state["hist"])
-    if plots and args.tsne_epochs:
+    if not args.no_plots and args.tsne_epochs:
         st = state["stages"]
         refined = next((p.name for p in phases if p.method == first and isinstance(p.objective, Refiner)), "")
         panels = ([st["source_only"]] if "source_only" in st else []) + [
@@ -1732,8 +1733,7 @@ def train(args: argparse.Namespace, ctx: Ctx, out: dict[str, Path], argv: list[s
     t0, prefix = time.time(), file_prefix(args)
     resume = check_resume(args)
     runs: list[dict] = list(resume.get("runs", [])) if resume is not None else []  # seeds already finished
-    point: dict = {}
-    last = out["checkpoints"] / f"{prefix}last.pth"
+    point, last = {}, out["checkpoints"] / f"{prefix}last.pth"  # point['snap']: the state a resume starts from
     try:
         for s in args.seeds:
             if s not in [r["seed"] for r in runs]:

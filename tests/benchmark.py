@@ -31,8 +31,8 @@ def profile(args: argparse.Namespace, ctx: DANN.Ctx, data: DANN.Data, steps: int
     model = ctx.new_model(args.cls_dropout).train()
     opt = DANN.make_optimizer(model, args, args.lr, ctx.device)
     n = 3 + steps
-    src = DANN.Batches(*data.src.splits["train"], data.src.norm, args, ctx).epoch(n)
-    tgt = DANN.Batches(*data.tgt.splits["train"], data.tgt.norm, args, ctx).epoch(n)
+    src = DANN.Batches(*data.src.splits["train"], data.src.norm, args.batch_size, args, ctx).epoch(n)
+    tgt = DANN.Batches(*data.tgt.splits["train"], data.tgt.norm, args.batch_size, args, ctx).epoch(n)
 
     def step() -> None:
         (xs, ys), (xt, _) = next(src), next(tgt)

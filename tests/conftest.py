@@ -82,8 +82,8 @@ def data_flags(fake: dict[str, Path], out: Path) -> list[str]:
 def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
     """A whole run in a few seconds on CPU."""
     return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline",
-            "--epochs", "3", "--refine-epochs", "2", "--batch-size", "16", "--warmup-epochs", "1", "--patience", "2",
-            "--device", "cpu", "--out-dir", str(out)]
+            "--epochs", "3", "--refine-epochs", "2", "--batch-size", "16", "--refine-batch-size", "16",
+            "--warmup-epochs", "1", "--patience", "2", "--device", "cpu", "--out-dir", str(out)]
 
 
 def make_usps(data_dir: Path, n_train: int = 120, n_test: int = 40, seed: int = 2) -> Path:

@@ -21,6 +21,8 @@ Variants:
                    class relative to the most confident class, so hard classes are not starved. These counts are taken
                    once an epoch, over the whole target train split, at its start.
   no-cutout        the default, but the strong view keeps every pixel: no Cutout square (the default before it).
+  cosine           the default, but the refinement learning rate falls from --refine-lr to 0 on a half cosine over
+                   the refinement's steps (DANN.py keeps it constant).
   batch-bn         the earlier refinement: BatchNorm in train mode, normalising every batch (augmented views
                    included) with its own statistics; the teacher too; the teacher a copy of the student.
 """
@@ -31,6 +33,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,9 +91,15 @@ class BatchBN(DANN.Refiner):
             m.track_running_stats = False
 
 
-VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "epoch-copy": EpochCopy,
+def cosine_lr(phase: DANN.Phase, p: float) -> float:
+    return phase.lr * (1 + math.cos(math.pi * p)) / 2
+
+
+VARIANTS = {"default": DANN.Refiner, "target-only": DANN.Refiner, "cosine": DANN.Refiner, "epoch-copy": EpochCopy,
             "student-teacher": StudentTeacher, "class-balanced": ClassBalanced, "no-cutout": NoCutout,
             "batch-bn": BatchBN}
+
+DANN_LR_AT = DANN.lr_at  # the schedule of every variant but cosine
 
 # The flags that decide the data, the network and its evaluation: the study's flags must repeat the run's.
 SAME_AS_RUN = ("source", "target", "demo", "protocol", "tgt_split", "norm", "bn", "cls_dropout", "eval_bn",
@@ -135,6 +144,7 @@ def main() -> None:
             objective = VARIANTS[v](args.refine)  # ... the variant swaps the objective
             objective.tau = args.pseudo_threshold
             ph = dataclasses.replace(phase, objective=objective)
+            DANN.lr_at = cosine_lr if v == "cosine" else DANN_LR_AT  # fit reads the schedule from DANN.lr_at
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
             guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")

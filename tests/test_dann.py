@@ -484,6 +484,8 @@ def test_batch_larger_than_a_split_is_a_usage_error(tmp_path: Path, fake_data: d
                                                     capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--batch-size", "5000"], capsys)
     assert code == 2 and "--batch-size 5000 is larger than the source train split (216 images)" in err
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--refine-batch-size", "300"], capsys)
+    assert code == 2 and "--refine-batch-size 300 is larger than the source train split (216 images)" in err
 
 
 def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: dict,
@@ -931,11 +933,11 @@ def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default(
 @pytest.mark.parametrize("flags,message", [
     (["--demo", "--checkpoint", "x.pth"], "--checkpoint goes with --eval-only"),
     (["--demo", "--epochs", "3", "--tsne-epochs", "2", "5"], "--tsne-epochs must be adaptation epochs between 1"),
-    (["--demo", "--refine", "none", "--refine-epochs", "3"],
-     "--refine-epochs, --refine-lr, --refine-src-weight and --ema-decay need"),
+    (["--demo", "--refine", "none", "--refine-epochs", "3"], "--refine-epochs needs --refine pseudo or dirt-t"),
+    (["--demo", "--refine", "none", "--refine-batch-size", "32"], "--refine-batch-size needs --refine pseudo or"),
     (["--demo", "--refine", "dirt-t", "--pseudo-threshold", "0.8"], "--pseudo-threshold needs --refine pseudo"),
     (["--demo", "--vat-eps", "2"], "--vat-eps needs --refine dirt-t or --vada"),
-    (["--demo", "--refine", "none", "--refine-src-weight", "0"], "--refine-src-weight and --ema-decay need --refine"),
+    (["--demo", "--refine", "none", "--refine-src-weight", "0"], "--refine-src-weight needs --refine pseudo or"),
     (["--demo", "--eval-only", "--checkpoint", "x.pth", "--epochs", "3"], "takes its settings from the checkpoint"),
     (["--demo", "--min-delta", "-1"], "--min-delta must be >= 0"),
     (["--demo", "--no-plots", "--tsne-epochs", "2"], "--no-plots draws no t-SNE"),
@@ -1101,6 +1103,15 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
     phase = DANN.Phase("source_only", counting, 1, 1e-3, select="last")
     DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
     assert len(seen) == n_tgt // 16
+    seen.clear()  # a phase with its own batch size (refinement's) takes more, smaller steps over the same epoch
+    phase = DANN.Phase("refine", counting, 1, 1e-3, 8, select="last")
+    DANN.fit(phase, ctx.new_model("element"), data, args, ctx, None, {}, {})
+    assert len(seen) == n_tgt // 8 and {len(y) for y in seen} == {8}
+
+    def refine_bs(flags: list[str]) -> list[int]:
+        return [p.batch_size for p in DANN.plan(DANN.parse_args(flags)) if p.name == "refine"]
+    assert refine_bs(["--demo"]) == [64] and refine_bs(["--mnistm-root", "m"]) == [256]
+    assert refine_bs(["--mnistm-root", "m", "--refine-batch-size", "96"]) == [96]
 
 
 def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Path, all_data: dict,
@@ -1112,8 +1123,8 @@ def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Pa
                                                                               real(p, pts, path, domains)))
     out = tmp_path / "o"
     flags = pair_flags(all_data, "usps", "mnist") + [
-        "--epochs", "2", "--refine-epochs", "1", "--batch-size", "16", "--device", "cpu", "--tsne-points", "40",
-        "--out-dir", str(out), "--oracle"]
+        "--epochs", "2", "--refine-epochs", "1", "--batch-size", "16", "--refine-batch-size", "16", "--device", "cpu",
+        "--tsne-points", "40", "--out-dir", str(out), "--oracle"]
     code, stdout, _ = run_main(flags, capsys)
     assert code == 0
     res = results(out, "usps-mnist_")
