@@ -231,9 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (args.eval_only and bool(given - EVAL_FLAGS), "--eval-only takes its settings from the checkpoint; drop " +
          " ".join(sorted(f"--{k.replace('_', '-')}" for k in given - EVAL_FLAGS))),
     ]
-    for bad, msg in checks:
-        if bad:
-            parser.error(msg)
+    if failed := [msg for bad, msg in checks if bad]:
+        parser.error(failed[0])  # the first, in the order above
     args.tsne_epochs = [e for e in args.tsne_epochs if e <= args.epochs]  # the default's, in a short run
     return args
 
@@ -1466,7 +1465,9 @@ def check_resume(args: argparse.Namespace) -> dict | None:
     if "phase" not in resume:
         raise UserError(f"{args.resume} is a final checkpoint; resume from the 'last.pth' an interrupted run wrote")
     saved, now = resume.get("config", {}), vars_json(args)
-    for k in sorted(set(saved) & set(now) - PLACE_FLAGS - {"tsne_epochs", "eval_only", "checkpoint"}):
+    for k in sorted(set(now) - PLACE_FLAGS - {"tsne_epochs", "eval_only", "checkpoint"}):
+        if k not in saved:  # a flag added since: its default may compute what the interrupted run did not
+            raise UserError(f"{args.resume} was saved by an earlier DANN.py without {k}; start the run again")
         if saved[k] != now[k]:  # what training computes must match the interrupted run
             raise UserError(f"{args.resume} was saved with {k}={saved[k]!r}, this run has {k}={now[k]!r}; "
                             "resume with the flags of the interrupted run")
@@ -1651,19 +1652,18 @@ def write_report(path: Path, results: dict, table: str, figures: list[str], argv
     env, cfg = results["environment"], results["config"]
     hw = env.get("gpu") or f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
     pair = f"{results['source']} → {results['target']}"
-    lines = [
-        f"# Domain adaptation {pair}: run report", "",
-        f"- Data: {'the offline demo, ' if cfg['demo'] else ''}{pair}, "
-        f"protocol `{results['protocol']}`; seeds {', '.join(map(str, results['seeds']))}.",
-        f"- Recipe `{results['recipe']}`, method(s) {', '.join(cfg['method'])}, refinement "
-        f"`{cfg['refine']}`, BatchNorm statistics at evaluation: `{cfg['eval_bn']}`.",
-        f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, "
-        f"bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
-        f"- Command: `python DANN.py {' '.join(shlex.quote(a) for a in argv)}`",
-        f"- Wall time: {results['wall_time_s']:.0f} s.", "",
-        "Target labels were read only to report accuracy" +
-        (", and by the train-on-target row, which trains on them." if cfg["oracle"] else "."), "",
-        "## Results", "", table, ""]
+    lines = [f"# Domain adaptation {pair}: run report", "",
+             f"- Data: {'the offline demo, ' if cfg['demo'] else ''}{pair}, "
+             f"protocol `{results['protocol']}`; seeds {', '.join(map(str, results['seeds']))}.",
+             f"- Recipe `{results['recipe']}`, method(s) {', '.join(cfg['method'])}, refinement "
+             f"`{cfg['refine']}`, BatchNorm statistics at evaluation: `{cfg['eval_bn']}`.",
+             f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, "
+             f"bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
+             f"- Command: `python DANN.py {' '.join(shlex.quote(a) for a in argv)}`",
+             f"- Wall time: {results['wall_time_s']:.0f} s.", "",
+             "Target labels were read only to report accuracy" +
+             (", and by the train-on-target row, which trains on them." if cfg["oracle"] else "."), "",
+             "## Results", "", table, ""]
     for f in figures:
         lines += [f"![{Path(f).stem}]({f})", ""]
     atomic_write(path, lambda fh: fh.write("\n".join(lines)), "w")

@@ -344,6 +344,11 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(tmp_pa
     code, _, err = run_main(tiny_flags(fake_data, tmp_path) + ["--resume", str(tmp_path / "checkpoints" / "last.pth"),
                                                                "--batch-size", "8"], capsys)
     assert code == 1 and "was saved with batch_size=16, this run has batch_size=8" in err
+    del last["config"]["refine_batch_size"]  # as a checkpoint from before the flag existed
+    torch.save(last, tmp_path / "old.pth")
+    old = ["--lr", "1e30", "--resume", str(tmp_path / "old.pth")]
+    code, _, err = run_main(tiny_flags(fake_data, tmp_path) + old, capsys)
+    assert code == 1 and "was saved by an earlier DANN.py without refine_batch_size" in err
 
 
 def test_eval_only_reproduces_the_test_accuracy_and_rejects_bad_checkpoints(tmp_path: Path, fake_data: dict,
