@@ -246,8 +246,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
+        os.umask(umask := os.umask(0))  # reading the umask means setting it: put it straight back
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
@@ -1036,8 +1035,11 @@ def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, 
     return {k: v for k, v in probe.state_dict().items() if k.endswith(("running_mean", "running_var", "_tracked"))}
 
 
-def domain_bn(model: DANN, data: Data, ctx: Ctx, n: int = BN_STATS_IMAGES) -> dict[str, BNStats]:
-    return {d: bn_stats(model, dom.splits["train"][0], dom.norm, ctx, n) for d, dom in data.domains()}
+def domain_bn(model: DANN, data: Data, ctx: Ctx, n: int = BN_STATS_IMAGES, frozen: bool = False) -> dict:
+    """Each domain's statistics; None: those the model holds. Refinement (frozen) learns and teaches under the target's
+    held ones: measured anew for its final weights they change what it computes (README: target val)."""
+    return {d: None if frozen and d == "tgt" else bn_stats(model, dom.splits["train"][0], dom.norm, ctx, n)
+            for d, dom in data.domains()}
 
 
 @torch.no_grad()
@@ -1061,7 +1063,7 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
                 student: DANN | None = None) -> tuple[dict[str, torch.Tensor], dict[str, BNStats] | None]:
     """Per-epoch validation numbers as device tensors (read back together, once). Target labels appear only in
     tgt_val_acc*, logged for monitoring and never used to select or stop, and in the oracle's tgt_val_loss."""
-    own = domain_bn(model, data, ctx, BN_STATS_EPOCH) if args.eval_bn == "domain" else None
+    own = domain_bn(model, data, ctx, BN_STATS_EPOCH, phase.frozen) if args.eval_bn == "domain" else None
     bn = own or {"src": None, "tgt": None}
     (x, y), (xt, yt) = data.src.splits["val"], data.tgt.splits["val"]
     lp, dp = predict(model, x, data.src.norm, ctx, bn=bn["src"])
@@ -1310,10 +1312,8 @@ class TestSample:
 
     def pad(self, model: DANN | None, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None) -> float:
         """PAD of the label-head features, or of the normalised raw pixels when model is None (labels unread)."""
-        if model is None:
-            fs, ft = (normalize(resize32(x), dom.norm).flatten(1).cpu() for x, (_, dom) in zip(self.x, data.domains()))
-        else:
-            fs, ft = self.features(model, data, ctx, bn)
+        fs, ft = self.features(model, data, ctx, bn) if model is not None else (
+            normalize(resize32(x), dom.norm).flatten(1).cpu() for x, (_, dom) in zip(self.x, data.domains()))
         return proxy_a_distance(fs.numpy(), ft.numpy())
 
 
@@ -1561,7 +1561,7 @@ def report_phase(phase: Phase, model: DANN, hist: list[dict], stop: EarlyStoppin
                  samples: tuple[TestSample, TestSample], t_phase: float) -> None:
     """A finished phase: test metrics, PAD, its checkpoint, its log line and its figures; results go into state."""
     res, (pts, pad_pts) = state["res"], samples
-    bn = domain_bn(model, data, ctx) if args.eval_bn == "domain" else None
+    bn = domain_bn(model, data, ctx, frozen=phase.frozen) if args.eval_bn == "domain" else None
     tm, pred = test_metrics(model, data, ctx, bn)
     r = {**tm, "best_epoch": stop.best_epoch, "epochs_run": len(hist)}
     final = hist[stop.best_epoch - 1] if stop.best_epoch else hist[-1]

@@ -148,7 +148,7 @@ def main() -> None:
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             first = start["history"][start["metrics"]["best_epoch"] - 1]  # the adapted row the guard compares with
             guard = next((k for k, drop in DANN.GUARD.items() if hist[-1][k] < first[k] - drop), "")
-            bn = DANN.domain_bn(keep, data, ctx) if args.eval_bn == "domain" else None
+            bn = DANN.domain_bn(keep, data, ctx, frozen=True) if args.eval_bn == "domain" else None
             test = DANN.test_metrics(keep, data, ctx, bn)[0]  # reported only: the choice reads target val
             row = {"pair": data.pair, "method": a.method, "seed": seed, "variant": v,
                    "start_tgt_val_acc": start["metrics"]["tgt_val_acc_monitoring"],

@@ -749,8 +749,15 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     rows = list(csv.DictReader(open(out / "checkpoints" / "compare.csv")))
     assert [r["stage"] for r in rows] == ["raw pixels", "source only", "dann", "refine", "mmd", "mmd refine", "coral",
                                           "coral refine", "train-on-target (uses target labels)"]
-    phases = {r["phase"] for r in csv.DictReader(open(out / "checkpoints" / "metrics.csv"))}
-    assert phases == {"source_only", "dann", "refine", "mmd", "mmd_refine", "coral", "coral_refine", "oracle"}
+    hist = list(csv.DictReader(open(out / "checkpoints" / "metrics.csv")))
+    assert {r["phase"] for r in hist} == {"source_only", "dann", "refine", "mmd", "mmd_refine", "coral", "coral_refine",
+                                          "oracle"}
+    # A refined model meets the target with the statistics it learnt and taught under, those it holds, not ones
+    # measured anew for its final weights: per epoch, at the end, and in its checkpoint for --eval-only.
+    assert all(r["tgt_val_acc"] == r["tgt_val_acc_blended"] for r in hist if r["phase"].endswith("refine"))
+    assert all(run[k]["tgt_test_acc"] == run[k]["tgt_test_acc_blended"] for k in ("refine", "mmd_refine"))
+    held = torch.load(out / "checkpoints" / "best_refined.pth", weights_only=True)["bn_stats"]
+    assert held["tgt"] is None and held["src"]["feat.1.running_mean"].abs().sum() > 0
     for name in ("best_refined", "best_oracle", "best_mmd_final", "best_coral_refined"):
         assert (out / "checkpoints" / f"{name}.pth").exists()
     assert "oracle:" in stdout and "note=train-on-target_(uses_target_labels)" in stdout
