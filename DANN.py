@@ -1036,8 +1036,8 @@ def bn_stats(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, 
 
 
 def domain_bn(model: DANN, data: Data, ctx: Ctx, n: int = BN_STATS_IMAGES, frozen: bool = False) -> dict:
-    """Each domain's statistics; None: those the model holds. Refinement (frozen) learns and teaches under the target's
-    held ones: measured anew for its final weights they change what it computes (README: target val)."""
+    """Each domain's statistics; None: those the model holds. Refinement (frozen; not once reverted) learns under the
+    target's held ones: measured anew for its final weights they change what it computes (README: target val)."""
     return {d: None if frozen and d == "tgt" else bn_stats(model, dom.splits["train"][0], dom.norm, ctx, n)
             for d, dom in data.domains()}
 
@@ -1561,7 +1561,7 @@ def report_phase(phase: Phase, model: DANN, hist: list[dict], stop: EarlyStoppin
                  samples: tuple[TestSample, TestSample], t_phase: float) -> None:
     """A finished phase: test metrics, PAD, its checkpoint, its log line and its figures; results go into state."""
     res, (pts, pad_pts) = state["res"], samples
-    bn = domain_bn(model, data, ctx, frozen=phase.frozen) if args.eval_bn == "domain" else None
+    bn = domain_bn(model, data, ctx, frozen=phase.frozen and stop.best_epoch > 0) if args.eval_bn == "domain" else None
     tm, pred = test_metrics(model, data, ctx, bn)
     r = {**tm, "best_epoch": stop.best_epoch, "epochs_run": len(hist)}
     final = hist[stop.best_epoch - 1] if stop.best_epoch else hist[-1]
