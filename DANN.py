@@ -1072,8 +1072,8 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
     marginal = -(pm * pm.clamp_min(1e-12).log()).sum()  # entropy of the predicted-class histogram
     m = {"src_val_loss": F.nll_loss(lp, y), "src_val_acc": accuracy(lp, y), "tgt_val_acc": accuracy(lpt, yt),
          "tgt_entropy": entropy(lpt), "tgt_class_entropy": marginal}  # tgt_entropy: low = confident on the target
-    if own:  # the report's blended running statistics, beside, so the effect is visible
-        lpt_b, dpt = predict(model, xt, data.tgt.norm, ctx)
+    if own:  # the report's blended running statistics, beside; a frozen phase's target holds them: no second pass
+        lpt_b, dpt = predict(model, xt, data.tgt.norm, ctx) if own["tgt"] is not None else (lpt, dpt)
         m["tgt_val_acc_blended"] = accuracy(lpt_b, yt)
         dp = predict(model, x, data.src.norm, ctx)[1] if phase.name == "dann" else dp
     if phase.name == "dann":  # the domain head as trained: with the blended running statistics
@@ -1242,16 +1242,16 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
 
 def test_metrics(model: DANN, data: Data, ctx: Ctx, bn: dict[str, BNStats] | None
                  ) -> tuple[dict[str, float], torch.Tensor]:
-    """Test accuracies, with each domain's own BatchNorm statistics where `bn` is given and with the running
-    ('blended') ones. Here target labels are read, to *report* only."""
+    """Test accuracies with each domain's own BatchNorm statistics where `bn` is given (None: the model's running
+    ones, so one pass serves both columns) and with the running ('blended') ones. Target labels: to *report* only."""
     out, preds = {}, None
     for d, dom in data.domains():
-        x, y = dom.splits["test"]
-        for suffix, stats in (("", bn and bn[d]), ("_blended", None)) if bn else (("", None),):
-            pred = predict(model, x, dom.norm, ctx, bn=stats)[0].argmax(1).cpu()
-            out[f"{d}_test_acc{suffix}"] = (pred == y.cpu()).float().mean().item()
-            if d == "tgt" and not suffix:
-                preds = pred
+        (x, y), stats = dom.splits["test"], bn and bn[d]
+        pred = predict(model, x, dom.norm, ctx, bn=stats)[0].argmax(1).cpu()
+        blended = predict(model, x, dom.norm, ctx)[0].argmax(1).cpu() if stats else pred
+        for suffix, p in (("", pred), ("_blended", blended))[:2 if bn else 1]:
+            out[f"{d}_test_acc{suffix}"] = (p == y.cpu()).float().mean().item()
+        preds = pred if d == "tgt" else preds
     return out, preds
 
 
