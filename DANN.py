@@ -1247,11 +1247,11 @@ def test_metrics(model: DANN, data: Data, ctx: Ctx, bn: dict[str, BNStats] | Non
     out, preds = {}, None
     for d, dom in data.domains():
         (x, y), stats = dom.splits["test"], bn and bn[d]
-        pred = predict(model, x, dom.norm, ctx, bn=stats)[0].argmax(1).cpu()
-        blended = predict(model, x, dom.norm, ctx)[0].argmax(1).cpu() if stats else pred
-        for suffix, p in (("", pred), ("_blended", blended))[:2 if bn else 1]:
-            out[f"{d}_test_acc{suffix}"] = (p == y.cpu()).float().mean().item()
-        preds = pred if d == "tgt" else preds
+        cols = {"": predict(model, x, dom.norm, ctx, bn=stats)[0].argmax(1).cpu()}
+        if bn:
+            cols["_blended"] = predict(model, x, dom.norm, ctx)[0].argmax(1).cpu() if stats else cols[""]
+        out.update({f"{d}_test_acc{suffix}": (p == y.cpu()).float().mean().item() for suffix, p in cols.items()})
+        preds = cols[""] if d == "tgt" else preds
     return out, preds
 
 
