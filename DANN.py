@@ -8,9 +8,8 @@ A-distance, a comparison table and a report page. Target labels are read only to
 
 Headline (measured; README has every table and command): target test %, official protocol, mean of seeds 1-3;
 source-only -> DANN -> refined (train-on-target). This version, 2-core AMD EPYC, fp32, 5 epochs a phase, 15 refining:
-MNIST -> MNIST-M 55.2 -> 73.8 -> 95.4 (96.5), MNIST -> USPS 94.9 -> 94.0 -> 98.0 (97.0). The version before
-(re-measured statistics), AVX-512 AMD EPYC, bf16, 10 refining: USPS -> MNIST 90.6 -> 92.7 -> 98.6 (99.1). One NVIDIA
-H200, 50 epochs a phase, an earlier refinement: MNIST -> MNIST-M 54.8 -> 84.1 -> 92.7 (98.0). Every other table: README.
+MNIST -> MNIST-M 55.2 -> 73.8 -> 95.4 (96.5), USPS -> MNIST 90.2 -> 91.7 -> 98.8 (99.1), MNIST -> USPS 94.9 -> 94.0
+-> 98.0 (97.0). One NVIDIA H200, 50 epochs a phase, an earlier refinement: MNIST -> MNIST-M 54.8 -> 84.1 -> 92.7 (98.0).
 
 Commands:
   python DANN.py --demo                                       # offline, built-in scikit-learn data, CPU
@@ -41,11 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
+try:  # without the requirements, one line of advice instead of a traceback (the rest import where they are used)
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from tqdm import tqdm
+except ModuleNotFoundError as e:
+    sys.exit(f"DANN.py: error: the Python package {e.name!r} is missing: pip install -r requirements.txt")
 
 # ==== Config / CLI ====================================================================================
 
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("refinement (label-free, after adaptation) and the ceiling")
     f.add_argument("--refine", choices=["none", "dirt-t", "pseudo"], help="dirt-t: entropy + VAT + KL to a teacher; "
                    "pseudo: confident teacher labels on augmented target images")
-    f.add_argument("--refine-epochs", type=int, default=10, help="fixed refinement budget, epochs")
+    f.add_argument("--refine-epochs", type=int, default=15, help="fixed refinement budget, epochs")
     f.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate")
     f.add_argument("--refine-batch-size", type=int, default=256, help="target (and source) images per refinement step")
     f.add_argument("--vat-eps", type=float, default=3.5, help="VAT radius (dirt-t, --vada), normalised input units")
@@ -279,7 +281,6 @@ def check_writable(*folders: Path) -> None:  # fail at the start, not after an h
 # ==== Data: MNIST, MNIST-M, USPS, SVHN, the offline demo, protocols and splits ======================
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_train, y_train, x_test, y_test; x uint8 NCHW
-
 
 # Where torchvision keeps each data set under --data-dir, and the files it needs there.
 TV_FILES = {"mnist": ("MNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -1364,9 +1365,8 @@ def plot_tsne(panels: list[tuple[str, np.ndarray]], pts: TestSample, path: Path,
     handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab)
                 for m, lab in (("o", "source"), ("x", "target"))]
     axes[-1].legend(handles=handles, fontsize=7, ncol=2, loc="best")
-    if domains is None:
-        fig.suptitle("feature space over training (t-SNE of the 100-d label-head features; o source, x target)",
-                     fontsize=10)
+    if domains is None:  # the legend names the markers
+        fig.suptitle("feature space over training (t-SNE of the 100-d label-head features)", fontsize=10)
     _save_fig(fig, path)
 
 

@@ -501,6 +501,16 @@ def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: 
     assert code == 1 and "cannot write to output folder" in err and "phase=" not in out
 
 
+@pytest.mark.parametrize("package", ["torch", "tqdm"])
+def test_a_missing_package_is_one_line_naming_it_and_the_requirements(package: str) -> None:
+    # None in sys.modules makes `import package` fail as it does where the package was never installed.
+    code = f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['DANN.py', '--help']; " \
+           f"runpy.run_path({str(ROOT / 'DANN.py')!r}, run_name='__main__')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
+    assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
+    assert p.stderr == f"DANN.py: error: the Python package {package!r} is missing: pip install -r requirements.txt\n"
+
+
 # ---------------------------------------------------------------------------------------------- objectives & BN
 
 def test_per_domain_bn_statistics_equal_the_statistics_of_that_domains_images() -> None:
@@ -934,8 +944,8 @@ def test_help_prints_the_defaults_in_force_for_the_recipe_and_the_demo(capsys: p
 
 
 def test_explicit_flags_win_over_the_demo_even_when_equal_to_the_parser_default() -> None:
-    a = DANN.parse_args(["--demo", "--epochs", "50", "--warmup-epochs", "10", "--refine-epochs", "10"])
-    assert (a.epochs, a.warmup_epochs, a.refine_epochs, a.batch_size) == (50, 10, 10, 64)
+    a = DANN.parse_args(["--demo", "--epochs", "50", "--warmup-epochs", "10", "--refine-epochs", "15"])
+    assert (a.epochs, a.warmup_epochs, a.refine_epochs, a.batch_size) == (50, 10, 15, 64)
     b = DANN.parse_args(["--demo"])
     assert (b.epochs, b.warmup_epochs, b.refine_epochs) == (60, 5, 20)
     c = DANN.parse_args(["--mnistm-root", "x", "--recipe", "report", "--batch-size", "64", "--select", "last"])
