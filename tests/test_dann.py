@@ -504,8 +504,8 @@ def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: 
 @pytest.mark.parametrize("package", ["torch", "tqdm"])
 def test_a_missing_package_is_one_line_naming_it_and_the_requirements(package: str) -> None:
     # None in sys.modules makes `import package` fail as it does where the package was never installed.
-    code = f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['DANN.py', '--help']; " \
-           f"runpy.run_path({str(ROOT / 'DANN.py')!r}, run_name='__main__')"
+    code = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['DANN.py', '--help']; "
+            f"runpy.run_path({str(ROOT / 'DANN.py')!r}, run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
     assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
     assert p.stderr == f"DANN.py: error: the Python package {package!r} is missing: pip install -r requirements.txt\n"
