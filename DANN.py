@@ -40,15 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-try:  # without the requirements, one line of advice instead of a traceback (the rest import where they are used)
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-    from tqdm import tqdm
-except ModuleNotFoundError as e:
-    sys.exit(f"DANN.py: error: the Python package {e.name!r} is missing: pip install -r requirements.txt")
-
 # ==== Config / CLI ====================================================================================
 
 # Every default that depends on the recipe, the demo or the pair lives in these tables. They become the parser's
@@ -279,6 +270,17 @@ def check_writable(*folders: Path) -> None:  # fail at the start, not after an h
 
 
 # ==== Data: MNIST, MNIST-M, USPS, SVHN, the offline demo, protocols and splits ======================
+
+try:  # numpy and torch from here on: the CLI above needs neither, so --help works before the requirements are in
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from tqdm import tqdm
+except ModuleNotFoundError as e:  # one line of advice, not a traceback (the rest import where they are used)
+    if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+        parse_args(sys.argv[1:])  # prints the help and exits 0
+    sys.exit(f"DANN.py: error: the Python package {e.name!r} is missing: pip install -r requirements.txt")
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_train, y_train, x_test, y_test; x uint8 NCHW
 
@@ -1371,8 +1373,7 @@ def plot_tsne(panels: list[tuple[str, np.ndarray]], pts: TestSample, path: Path,
 
 
 def plot_curves(hist: list[dict], base_hist: list[dict], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = _plt().subplots(1, 3, figsize=(15, 4))
     phases = list(dict.fromkeys(h["phase"] for h in hist))
     for ph in phases:  # one line per phase, epochs continuing across phases
         rows = [h for h in hist if h["phase"] == ph]
@@ -1400,11 +1401,10 @@ def plot_curves(hist: list[dict], base_hist: list[dict], path: Path) -> None:
 
 
 def plot_confusion(y: torch.Tensor, pred: torch.Tensor, path: Path, title: str) -> None:
-    plt = _plt()
     import seaborn as sns
     from sklearn.metrics import confusion_matrix
     cm = confusion_matrix(y.numpy(), pred.numpy(), labels=list(range(10)))
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _plt().subplots(figsize=(6, 5))
     sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, annot_kws={"size": 7})
     ax.set(xlabel="predicted", ylabel="true", title=title)
     _save_fig(fig, path)

@@ -502,13 +502,19 @@ def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: 
 
 
 @pytest.mark.parametrize("package", ["torch", "tqdm"])
-def test_a_missing_package_is_one_line_naming_it_and_the_requirements(package: str) -> None:
-    # None in sys.modules makes `import package` fail as it does where the package was never installed.
-    code = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['DANN.py', '--help']; "
-            f"runpy.run_path({str(ROOT / 'DANN.py')!r}, run_name='__main__')")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
+def test_a_missing_package_is_one_line_naming_it_and_the_requirements_and_help_still_works(package: str) -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        # None in sys.modules makes `import package` fail as it does where the package was never installed.
+        code = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['DANN.py', *{argv!r}]; "
+                f"runpy.run_path({str(ROOT / 'DANN.py')!r}, run_name='__main__')")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV,
+                              cwd=ROOT)
+    p = run("--demo")
     assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
     assert p.stderr == f"DANN.py: error: the Python package {package!r} is missing: pip install -r requirements.txt\n"
+    h = run("--demo", "--help")  # the help of the flags in force, as with every package present
+    assert h.returncode == 0 and h.stderr == "" and "--mnistm-root" in h.stdout and "--num-workers" in h.stdout
+    assert "(default: 60)" in " ".join(h.stdout.split())
 
 
 # ---------------------------------------------------------------------------------------------- objectives & BN
