@@ -251,7 +251,8 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path, fake_data: dict) -> 
     res = results(out)
     assert {"protocol", "seeds", "summary", "runs", "config", "environment", "wall_time_s"} <= set(res)
     run = res["runs"][0]
-    assert {"src_test_acc", "tgt_test_acc", "improvement", "dom_acc", "best_epoch"} <= set(run["dann"])
+    assert {"src_test_acc", "tgt_test_acc", "improvement", "best_epoch"} <= set(run["dann"])
+    assert ("dom_acc" in run["dann"]) == (run["dann"]["best_epoch"] > 0)  # 0: the guard kept source-only, no head
     assert {"src_test_acc", "tgt_test_acc"} <= set(run["source_only"])
     assert {"torch", "torchvision", "device", "peak_host_rss_mib"} <= set(res["environment"])
     assert (out / "checkpoints" / "config.json").exists()
@@ -784,7 +785,9 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
               "curves_coral"):
         assert (out / "figures" / f"{f}.png").exists(), f
     # one panel per requested epoch, between the baseline and the final and refined models, all on the same points
-    assert panels == [["source-only", "dann epoch 1", "dann epoch 2", "dann (epoch 3)", "refine (epoch 2)"]]
+    # (epoch 0 of the adapted model: the adaptation guard kept the source-only model it started from)
+    dann = f"epoch {run['dann']['best_epoch']}" if run["dann"]["best_epoch"] else "its start, kept by the guard"
+    assert panels == [["source-only", "dann epoch 1", "dann epoch 2", f"dann ({dann})", "refine (epoch 2)"]]
     code, stdout, _ = run_main(data_flags(fake_data, tmp_path / "ev") + [
         "--eval-only", "--checkpoint", str(out / "checkpoints" / "best_refined.pth")], capsys)
     assert code == 0 and f"tgt_test_acc={run['refine']['tgt_test_acc']:.4f}" in stdout
@@ -867,11 +870,11 @@ def test_refinement_keeps_the_source_cross_entropy_at_its_weight_under_source_ba
     assert out["loss"].item() == pytest.approx((out["pseudo_loss"] + 2.0 * out["src_ce"]).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("guard, decision", [({"src_val_acc": -1.0}, "revert"), ({"src_val_acc": 1.0}, "keep")])
+@pytest.mark.parametrize("tol, decision", [(-1.0, "revert"), (1.0, "keep")])
 def test_the_refinement_guard_logs_its_decision_and_a_revert_keeps_the_adapted_model(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-        guard: dict, decision: str) -> None:
-    monkeypatch.setattr(DANN, "GUARD", guard)  # -1: any refinement 'loses' accuracy; 1: none can
+        tol: float, decision: str) -> None:
+    monkeypatch.setitem(DANN.GUARDS, "refine", {"src_val_acc": (-1, tol)})  # -1: any refinement 'loses'; 1: none can
     flags = ["--no-plots", "--epochs", "2", "--refine-epochs", "1", "--no-baseline"]
     code, out, _ = run_main(tiny_flags(fake_data, tmp_path) + flags, capsys)
     assert code == 0
@@ -885,6 +888,36 @@ def test_the_refinement_guard_logs_its_decision_and_a_revert_keeps_the_adapted_m
     assert run["refine"]["best_epoch"] == (0 if decision == "revert" else 1)
     if decision == "revert":
         assert run["refine"]["tgt_test_acc"] == run["dann"]["tgt_test_acc"]
+
+
+@pytest.mark.parametrize("tol", [None, -1e9, 1e9])
+def test_the_adaptation_guard_keeps_source_only_when_adapting_left_the_target_predictions_less_confident(
+        tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        tol: float | None) -> None:
+    if tol is not None:  # -1e9: every adaptation counts as worse; 1e9: none does; None: the real rule
+        monkeypatch.setitem(DANN.GUARDS, "adapt", {"tgt_entropy": (1, tol)})
+    code, out, _ = run_main(tiny_flags(fake_data, tmp_path) + ["--no-plots", "--epochs", "2", "--refine-epochs", "1"],
+                            capsys)
+    assert code == 0
+    run = results(tmp_path)["runs"][0]
+    hist = list(csv.DictReader(open(tmp_path / "checkpoints" / "metrics.csv")))
+    so, dann = (next(float(h["tgt_entropy"]) for h in hist if h["phase"] == p and int(h["epoch"]) == e) for p, e in (
+        ("source_only", run["source_only"]["best_epoch"]), ("dann", run["dann"]["epochs_run"])))  # warm-up 1: epoch 2
+    revert = {None: so < dann, -1e9: True, 1e9: False}[tol]
+    line = next(ln for ln in out.splitlines() if ln.startswith("adapt_guard:"))
+    assert f"decision={'revert' if revert else 'keep'}" in line and f"tgt_entropy={so:.4f}->{dann:.4f}" in line
+    ck = {n: torch.load(tmp_path / "checkpoints" / f"best_{n}.pth", weights_only=True)["model"]
+          for n in ("source_only", "dann_final")}
+    assert all(torch.equal(ck["source_only"][k], v) for k, v in ck["dann_final"].items()) == revert
+    assert run["dann"]["best_epoch"] == (0 if revert else 2)
+    if revert:  # the baseline's numbers, and refinement starts from it: its guard compares with source-only's row
+        assert run["dann"]["tgt_test_acc"] == run["source_only"]["tgt_test_acc"] and run["dann"]["improvement"] == 0
+        src_val = next(float(h["src_val_acc"]) for h in hist if h["phase"] == "source_only" and
+                       int(h["epoch"]) == run["source_only"]["best_epoch"])
+        assert f"src_val_acc={src_val:.4f}->" in next(ln for ln in out.splitlines() if ln.startswith("refine_guard:"))
+    assert run_main(tiny_flags(fake_data, tmp_path / "last") + ["--no-plots", "--epochs", "2", "--select", "last",
+                                                                "--refine-epochs", "1"], capsys)[0] == 0
+    assert "adapt_guard:" not in capsys.readouterr().out  # only the entropy selection has an epoch 0
 
 
 def _relabelled(fake: dict, root: Path) -> dict:
