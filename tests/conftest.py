@@ -82,7 +82,7 @@ def data_flags(fake: dict[str, Path], out: Path) -> list[str]:
 def tiny_flags(fake: dict[str, Path], out: Path) -> list[str]:
     """A whole run in a few seconds on CPU."""
     return ["--mnistm-root", str(fake["mnistm"]), "--data-dir", str(fake["data_dir"]), "--offline",
-            "--epochs", "3", "--refine-epochs", "2", "--batch-size", "16", "--refine-batch-size", "16",
+            "--epochs", "3", "--refine-epochs", "2", "--batch-size", "32", "--refine-batch-size", "32",
             "--warmup-epochs", "1", "--patience", "2", "--device", "cpu", "--out-dir", str(out)]
 
 
