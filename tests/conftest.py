@@ -27,7 +27,7 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
         f.write(np.ascontiguousarray(arr, np.uint8).tobytes())
 
 
-def make_mnist(root: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
+def make_mnist(root: Path, n_train: int = 120, n_test: int = 60, seed: int = 0) -> Path:
     rng = np.random.RandomState(seed)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def mnistm_images(n: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.nd
     return np.abs(bg - d[..., None]).astype(np.uint8), y  # the MNIST-M recipe |patch - digit|
 
 
-def make_mnistm(root: Path, layout: str, n_train: int = 200, n_test: int = 60, seed: int = 1) -> Path:
+def make_mnistm(root: Path, layout: str, n_train: int = 100, n_test: int = 60, seed: int = 1) -> Path:
     """layout 'imagefolder' = training/<c>/, testing/<c>/; 'original' = mnist_m_{split}/ + labels files."""
     rng = np.random.RandomState(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -113,5 +113,5 @@ def make_svhn(data_dir: Path, n_train: int = 150, n_test: int = 50, seed: int = 
 @pytest.fixture
 def all_data(tmp_path: Path) -> dict[str, Path]:
     """Fake MNIST, USPS and SVHN under data/, fake MNIST-M (ImageFolder layout) under mnist_m/."""
-    data = make_svhn(make_usps(make_mnist(tmp_path / "data")))
+    data = make_svhn(make_usps(make_mnist(tmp_path / "data", n_train=240)))  # twice USPS: the larger domain
     return {"data_dir": data, "mnistm": make_mnistm(tmp_path / "mnist_m", "imagefolder")}

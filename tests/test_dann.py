@@ -516,9 +516,9 @@ def test_missing_mnistm_root_without_demo_is_a_usage_error(capsys: pytest.Captur
 def test_batch_larger_than_a_split_is_a_usage_error(tmp_path: Path, fake_data: dict,
                                                     capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--batch-size", "5000"], capsys)
-    assert code == 2 and "--batch-size 5000 is larger than the source train split (216 images)" in err
+    assert code == 2 and "--batch-size 5000 is larger than the source train split (108 images)" in err
     code, _, err = run_main(tiny_flags(fake_data, tmp_path / "o") + ["--refine-batch-size", "300"], capsys)
-    assert code == 2 and "--refine-batch-size 300 is larger than the source train split (216 images)" in err
+    assert code == 2 and "--refine-batch-size 300 is larger than the source train split (108 images)" in err
 
 
 def test_unwritable_output_folder_fails_at_the_start(tmp_path: Path, fake_data: dict,
