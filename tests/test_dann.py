@@ -296,8 +296,9 @@ def test_cli_end_to_end_writes_every_output(reference: dict) -> None:
 
 
 def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = run_main(["--demo", "--epochs", "2", "--refine-epochs", "1", "--tsne-points", "60",
-                             "--device", "cpu", "--out-dir", str(tmp_path)], capsys)
+    code, out, _ = run_main(["--demo", "--epochs", "2", "--refine-epochs", "1", "--tsne-points", "60", "--tsne-epochs",
+                             "--batch-size", "128", "--refine-batch-size", "128", "--device", "cpu",
+                             "--out-dir", str(tmp_path)], capsys)
     assert code == 0
     assert "source_only: protocol=official" in out and "dann: protocol=official" in out
     res = results(tmp_path, "demo_")
@@ -782,7 +783,7 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     monkeypatch.setitem(DANN.GUARDS, "refine", {})
     out = tmp_path / "o"
     code, stdout, _ = run_main(tiny_flags(fake_data, out) + [
-        "--method", "dann", "mmd", "coral", "--refine", "pseudo", "--refine-epochs", "2", "--oracle", "--epochs", "2",
+        "--method", "dann", "mmd", "coral", "--refine", "pseudo", "--refine-epochs", "1", "--oracle", "--epochs", "2",
         "--tsne-epochs", "1", "2"], capsys)
     assert code == 0
     run = results(out)["runs"][0]
@@ -816,7 +817,7 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     # one panel per requested epoch, between the baseline and the final and refined models, all on the same points
     # (epoch 0 of the adapted model: the adaptation guard kept the source-only model it started from)
     dann = f"epoch {run['dann']['best_epoch']}" if run["dann"]["best_epoch"] else "its start, kept by the guard"
-    assert panels == [["source-only", "dann epoch 1", "dann epoch 2", f"dann ({dann})", "refine (epoch 2)"]]
+    assert panels == [["source-only", "dann epoch 1", "dann epoch 2", f"dann ({dann})", "refine (epoch 1)"]]
     code, stdout, _ = run_main(data_flags(fake_data, tmp_path / "ev") + [
         "--eval-only", "--checkpoint", str(out / "checkpoints" / "best_refined.pth")], capsys)
     assert code == 0 and f"tgt_test_acc={run['refine']['tgt_test_acc']:.4f}" in stdout
@@ -960,7 +961,7 @@ def _relabelled(fake: dict, root: Path) -> dict:
 @pytest.mark.parametrize("refine, methods", [("pseudo", ["dann", "cdan", "cdan-e"]), ("dirt-t", ["dann"])])
 def test_adaptation_and_refinement_read_no_target_label(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture,
                                                         refine: str, methods: list[str]) -> None:
-    flags = ["--protocol", "official", "--refine", refine, "--epochs", "2", "--refine-epochs", "2", "--no-plots",
+    flags = ["--protocol", "official", "--refine", refine, "--epochs", "2", "--refine-epochs", "1", "--no-plots",
              "--method", *methods]
     rows = []
     for name, fake in (("a", fake_data), ("b", _relabelled(fake_data, tmp_path / "garbage"))):
