@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="DANN.py", formatter_class=_Help, allow_abbrev=False,
         description="Unsupervised domain adaptation between digit data sets (MNIST, MNIST-M, USPS, SVHN): source-only "
-                    "baseline, then DANN (or MMD, CORAL), optional label-free refinement. Defaults shown are those "
-                    "of the recipe, pair and --demo on the same command line.",
+                    "baseline, then DANN (or CDAN, CDAN+E, MMD, CORAL), optional label-free refinement. Defaults "
+                    "shown are those of the recipe, pair and --demo on the same command line.",
         epilog="examples:\n  python DANN.py --demo\n  python DANN.py --mnistm-root data/mnist_m\n"
                "  python DANN.py --source usps --target mnist --seeds 1 2 3")
     d = p.add_argument_group("data")
@@ -993,6 +993,10 @@ class Phase:
     checkpoint: str = ""  # file stem of the phase's best weights
     guard: tuple[str, str] = ("", "")  # a GUARDS check after the phase, and the phase whose model it falls back to
 
+    def tripped(self, start: dict, end: dict) -> str:
+        """The first guard signal that moved the wrong way by more than its tolerance from start to end ('' if none)."""
+        return next((k for k, (sign, tol) in GUARDS[self.guard[0]].items() if sign * (end[k] - start[k]) > tol), "")
+
 
 class EarlyStopping:
     """Watch a value to minimise; keep the best weights; stop after `patience` epochs without an improvement
@@ -1088,9 +1092,8 @@ def val_metrics(model: DANN, data: Data, ctx: Ctx, args: argparse.Namespace, pha
     return m, own
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    fast = {"fused": True} if device.type == "cuda" else {}  # one kernel per step instead of one per tensor
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
+    fast = {"fused": True} if next(model.parameters()).is_cuda else {}  # one kernel per step, not one per tensor
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]
     kw = dict(lr=lr, weight_decay=args.weight_decay, **({"momentum": 0.9} if args.optimizer == "sgd" else {}))
     try:
@@ -1138,12 +1141,11 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ctx, resume: dict | None,
-        extra: dict, point: dict, on_epoch: Callable[..., dict] | None = None
-        ) -> tuple[list[dict], EarlyStopping, DANN]:
+        extra: dict, point: dict, probe: Callable[..., dict] | None = None) -> tuple[list[dict], EarlyStopping, DANN]:
     """Train one phase; returns its per-epoch rows, the stopper, and the model to keep (the EMA where there is one).
     Target batches reach the objective as images only: their labels are dropped here. After every epoch
     point['snap'] holds everything a resumed run needs (the caller saves it on Ctrl-C or a NaN)."""
-    opt = make_optimizer(model, args, phase.lr, ctx.device)
+    opt = make_optimizer(model, args, phase.lr)
     labelled = {"src": data.src, "tgt": data.tgt}.get(phase.labelled)  # 'tgt': the oracle, on target labels
     bs = phase.batch_size or args.batch_size
     sides = [Batches(*d.splits["train"], d.norm, bs, args, ctx) if d else None
@@ -1221,8 +1223,8 @@ def fit(phase: Phase, model: DANN, data: Data, args: argparse.Namespace, ctx: Ct
         row = {"phase": phase.name, "epoch": epoch, "lambda": lam, "lr": lr_at(phase, p_end)}
         row.update({k: v / steps for k, v in zip(names, vals)})
         row.update(zip(m, vals[len(names) + 1:]))
-        if on_epoch is not None:  # the caller's per-epoch extras (proxy A-distance, t-SNE features)
-            row.update(on_epoch(epoch, keep, bn))
+        if probe is not None:  # the caller's per-epoch extras (proxy A-distance, t-SNE features)
+            row.update(probe(epoch, keep, bn))
         row["time_s"] = time.time() - t0
         history.append(row)
         ctx.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -1364,8 +1366,7 @@ def plot_tsne(panels: list[tuple[str, np.ndarray]], pts: TestSample, path: Path,
     for ax in fig.axes:
         ax.set(xticks=[], yticks=[])
     handles = [plt.Line2D([], [], ls="", marker="s", color=cmap(c), label=str(c)) for c in range(10)]
-    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab)
-                for m, lab in (("o", "source"), ("x", "target"))]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=lab) for m, lab in zip("ox", ("source", "target"))]
     axes[-1].legend(handles=handles, fontsize=7, ncol=2, loc="best")
     if domains is None:  # the legend names the markers
         fig.suptitle("feature space over training (t-SNE of the 100-d label-head features)", fontsize=10)
@@ -1531,8 +1532,8 @@ def run_seed(args: argparse.Namespace, seed: int, ctx: Ctx, out: dict[str, Path]
         resume = None
         kind, base = phase.guard
         if base in state["res"] and stop.best_epoch:
-            start, end = kept_row(state, base), hist[stop.best_epoch - 1]  # why: the first signal that got worse
-            why = next((k for k, (sign, tol) in GUARDS[kind].items() if sign * (end[k] - start[k]) > tol), "")
+            start, end = kept_row(state, base), hist[stop.best_epoch - 1]
+            why = phase.tripped(start, end)  # '' = none: keep
             ctx.log(f"{kind}_guard: phase={phase.name} seed={seed} decision={'revert' if why else 'keep'} "
                     f"signal={why or 'none'} " + " ".join(f"{k}={start[k]:.4f}->{end[k]:.4f}" for k in GUARDS[kind]))
             if why:  # back to the model the phase started from; results.json says best_epoch 0
@@ -1661,8 +1662,7 @@ def write_report(path: Path, results: dict, table: str, figures: list[str], argv
              f"- Hardware: {hw}; torch {env['torch']}, Python {env['python']}, "
              f"bf16 autocast {'on' if env['bf16_autocast'] else 'off'}.",
              f"- Command: `python DANN.py {' '.join(shlex.quote(a) for a in argv)}`",
-             f"- Wall time: {results['wall_time_s']:.0f} s.", "",
-             "Target labels were read only to report accuracy" +
+             f"- Wall time: {results['wall_time_s']:.0f} s.", "", "Target labels were read only to report accuracy" +
              (", and by the train-on-target row, which trains on them." if cfg["oracle"] else "."), "",
              "## Results", "", table, ""]
     for f in figures:

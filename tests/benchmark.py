@@ -29,7 +29,7 @@ def profile(args: argparse.Namespace, ctx: DANN.Ctx, data: DANN.Data, steps: int
     args.data_path = "device"
     spec = next(p for p in DANN.plan(args) if p.name == "dann")
     model = ctx.new_model(args.cls_dropout).train()
-    opt = DANN.make_optimizer(model, args, args.lr, ctx.device)
+    opt = DANN.make_optimizer(model, args, args.lr)
     n = 3 + steps
     src = DANN.Batches(*data.src.splits["train"], data.src.norm, args.batch_size, args, ctx).epoch(n)
     tgt = DANN.Batches(*data.tgt.splits["train"], data.tgt.norm, args.batch_size, args, ctx).epoch(n)

@@ -148,8 +148,7 @@ def main() -> None:
             hist, _, keep = DANN.fit(ph, model, data, args, ctx, None, {}, {})
             best = start["metrics"]["best_epoch"]  # 0: the adaptation guard kept source-only, whose row is not here
             first = start["history"][best - 1] if best else {}  # the adapted row the refinement guard compares with
-            guard = next((k for k, (sign, tol) in DANN.GUARDS["refine"].items()
-                          if sign * (hist[-1][k] - first[k]) > tol), "") if first else "n/a"
+            guard = ph.tripped(first, hist[-1]) if first else "n/a"
             bn = DANN.domain_bn(keep, data, ctx, frozen=True) if args.eval_bn == "domain" else None
             test = DANN.test_metrics(keep, data, ctx, bn)[0]  # reported only: the choice reads target val
             row = {"pair": data.pair, "method": a.method, "seed": seed, "variant": v,

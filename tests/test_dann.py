@@ -900,6 +900,18 @@ def test_refinement_keeps_the_source_cross_entropy_at_its_weight_under_source_ba
     assert out["loss"].item() == pytest.approx((out["pseudo_loss"] + 2.0 * out["src_ce"]).item(), rel=1e-6)
 
 
+def test_each_guard_trips_on_the_first_signal_past_its_tolerance_and_only_then() -> None:
+    phases = {p.name: p for p in DANN.plan(DANN.parse_args(["--demo", "--select", "tgt-entropy"]))}
+    adapt, refine = phases["dann"], phases["refine"]
+    assert (adapt.guard, refine.guard) == (("adapt", "source_only"), ("refine", "dann"))
+    assert adapt.tripped({"tgt_entropy": 0.30}, {"tgt_entropy": 0.31}) == "tgt_entropy"  # less confident at all
+    assert adapt.tripped({"tgt_entropy": 0.30}, {"tgt_entropy": 0.30}) == ""
+    start = {"src_val_acc": 0.95, "tgt_class_entropy": 2.2}
+    assert refine.tripped(start, {"src_val_acc": 0.91, "tgt_class_entropy": 2.3}) == ""  # within 5 points, wider
+    assert refine.tripped(start, {"src_val_acc": 0.89, "tgt_class_entropy": 2.0}) == "src_val_acc"  # the first
+    assert refine.tripped(start, {"src_val_acc": 0.99, "tgt_class_entropy": 2.05}) == "tgt_class_entropy"
+
+
 @pytest.mark.parametrize("tol, decision", [(-1.0, "revert"), (1.0, "keep")])
 def test_the_refinement_guard_logs_its_decision_and_a_revert_keeps_the_adapted_model(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
