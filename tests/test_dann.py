@@ -959,13 +959,13 @@ def test_the_adaptation_guard_keeps_source_only_when_adapting_left_the_target_pr
         tmp_path: Path, fake_data: dict, reference: dict, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch, tol: float | None) -> None:
     if tol is None:  # the real rule, as the reference run applied it
-        out, ck_dir = reference["stdout"], reference["out"] / "checkpoints"
+        out, run_dir = reference["stdout"], reference["out"]
     else:  # -1e9: every adaptation counts as worse; 1e9: none does
         monkeypatch.setitem(DANN.GUARDS, "adapt", {"tgt_entropy": (1, tol)})
         code, out, _ = run_main(tiny_flags(fake_data, tmp_path) + REFERENCE + ["--no-plots"], capsys)
         assert code == 0
-        ck_dir = tmp_path / "checkpoints"
-    run = json.loads((ck_dir / "results.json").read_text())["runs"][0]
+        run_dir = tmp_path
+    run, ck_dir = results(run_dir)["runs"][0], run_dir / "checkpoints"
     hist = list(csv.DictReader(open(ck_dir / "metrics.csv")))
     so, dann = (next(float(h["tgt_entropy"]) for h in hist if h["phase"] == p and int(h["epoch"]) == e) for p, e in (
         ("source_only", run["source_only"]["best_epoch"]), ("dann", run["dann"]["epochs_run"])))  # warm-up 1: epoch 2
