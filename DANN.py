@@ -1595,8 +1595,8 @@ def report_phase(phase: Phase, model: DANN, hist: list[dict], stop: EarlyStoppin
         "_refine" if isinstance(phase.objective, Refiner) else "")
     title = "source-only baseline" if m is None else f"after {phase.name.replace('_', ' ')}"
     plot_tsne([(title, emb)], pts, fig / f"{prefix}{fname}.png", (data.src.title, data.tgt.title))
-    if m is not None:
-        family = [p.name for p in plan(args) if p.method == m]
+    family = [p.name for p in plan(args) if p.method == m]
+    if m is not None and phase.name == family[-1]:  # a method's last phase draws the curves of all its phases once
         plot_curves([h for h in state["hist"] if h["phase"] in family],
                     [h for h in state["hist"] if h["phase"] == "source_only"], fig / f"{prefix}curves{suffix}.png")
         plot_confusion(data.tgt.splits["test"][1].cpu(), pred, fig / f"{prefix}confusion{suffix}.png", f"{phase.name} "

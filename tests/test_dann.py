@@ -79,15 +79,19 @@ def results(out_dir: Path, prefix: str = "") -> dict:
 
 
 @pytest.fixture
-def unrendered(monkeypatch: pytest.MonkeyPatch) -> None:
+def unrendered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every figure is drawn and its file written, empty, and t-SNE panels show two feature columns instead: a PNG
     costs ~0.6 s to render on the 2-core CPU, an embedding ~0.45 s. For tests that check which figures and panels a
-    run makes; the reference run renders real t-SNE figures and checks them."""
+    run makes; the reference run renders real t-SNE figures and checks them. Yields the file names, in saving order."""
+    saved: list[str] = []
+
     def save(fig: object, path: Path) -> None:
+        saved.append(path.name)
         DANN.atomic_write(path, lambda f: None)
         DANN._plt().close(fig)
     monkeypatch.setattr(DANN, "_save_fig", save)
     monkeypatch.setattr(DANN, "embed", lambda feats, seed: torch.cat(feats).numpy()[:, :2])
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------- GRL & schedule
@@ -309,7 +313,8 @@ def test_cli_end_to_end_writes_every_output(reference: dict) -> None:
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files behind
 
 
-def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture, unrendered: None) -> None:
+def test_demo_runs_the_whole_pipeline_offline(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              unrendered: list[str]) -> None:
     code, out, _ = run_main(["--demo", "--epochs", "1", "--refine-epochs", "1", "--tsne-points", "60", "--tsne-epochs",
                              "--batch-size", "128", "--refine-batch-size", "128", "--device", "cpu",
                              "--out-dir", str(tmp_path)], capsys)
@@ -792,7 +797,7 @@ def test_mnistm_root_one_level_too_high_names_the_subfolder(tmp_path: Path, caps
 
 def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
         tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-        unrendered: None) -> None:
+        unrendered: list[str]) -> None:
     panels: list[list[str]] = []
     real = DANN.plot_tsne
 
@@ -836,6 +841,8 @@ def test_every_method_refinement_and_oracle_run_end_to_end_and_write_their_rows(
     for f in ("tsne_evolution", "tsne_source_only", "tsne_after", "tsne_after_refine", "tsne_after_mmd",
               "curves_coral"):
         assert (out / "figures" / f"{f}.png").exists(), f
+    # each figure is drawn once: a method's curves and confusion matrix after its last phase, covering all of them
+    assert sorted(unrendered) == sorted(set(unrendered)) and {"curves.png", "confusion_mmd.png"} <= set(unrendered)
     # one panel per requested epoch, between the baseline and the final and refined models, all on the same points
     # (epoch 0 of the adapted model: the adaptation guard kept the source-only model it started from)
     dann = f"epoch {run['dann']['best_epoch']}" if run["dann"]["best_epoch"] else "its start, kept by the guard"
@@ -1228,7 +1235,7 @@ def test_an_epoch_is_one_pass_over_the_larger_domain_and_the_smaller_one_cycles(
 def test_outputs_of_another_pair_name_it_and_say_nothing_of_mnist_m(tmp_path: Path, all_data: dict,
                                                                     capsys: pytest.CaptureFixture,
                                                                     monkeypatch: pytest.MonkeyPatch,
-                                                                    unrendered: None) -> None:
+                                                                    unrendered: list[str]) -> None:
     legends: list = []
     real = DANN.plot_tsne
     monkeypatch.setattr(DANN, "plot_tsne", lambda p, pts, path, domains=None: (legends.append(domains),
