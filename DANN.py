@@ -64,7 +64,7 @@ REPORT_NORM = {"mnist": (0.1307, 0.3081)}  # the report's transforms; every othe
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 METHODS = ("dann", "cdan", "cdan-e", "mmd", "coral")
 # Each method's alpha in --recipe best (the report's is 1): the best target-val mean of a grid over two pairs (README).
-METHOD_WEIGHTS = {"dann": 0.1, "cdan": 0.1, "cdan-e": 0.1, "mmd": 100.0, "coral": 10.0}
+METHOD_WEIGHTS = {"dann": 0.1, "cdan": 0.1, "cdan-e": 0.1, "mmd": 10.0, "coral": 10.0}
 # Unlabelled train images per domain behind each domain's BatchNorm statistics: for the final evaluation, and for the
 # per-epoch validation (one batch, so the per-epoch cost stays small next to an epoch of training).
 BN_STATS_IMAGES, BN_STATS_EPOCH = 8192, 512
@@ -704,10 +704,13 @@ class DANN(nn.Module):
         f = self.feat(x)
         return self.label(f), self.domain(f, lambd)
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class log-probs, the 1,250-d extractor output): where the domain head, CDAN, MMD and CORAL read."""
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Class log-probs, then the layers an alignment reads: the 1,250-d extractor output (the domain head, CDAN and
+        CORAL read it), the label head's 100-d features and the class probabilities (DAN's MMD reads all three)."""
         f = self.feat(x)
-        return self.label(f), f
+        h = self.label.body(f)
+        logp = self.label.out(h)
+        return logp, f, h, logp.float().exp()
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.label(self.feat(x))
@@ -820,7 +823,7 @@ class Adversarial:
         self.kind, self.proj = kind, None
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s), (logp_t, f_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
+        (logp_s, f_s, *_), (logp_t, f_t, *_) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
         z_s, z_t = f_s, f_t
         if self.kind != "dann":
             if self.proj is None or self.proj[0].device != f_s.device:  # one fixed draw, from its own generator
@@ -853,37 +856,35 @@ def coral(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
     return (torch.cov(hs.T) - torch.cov(ht.T)).pow(2).sum() / (4 * hs.shape[1] ** 2)
 
 
-MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def mmd(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+def mmd(hs: torch.Tensor, ht: torch.Tensor, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
     """Squared MMD (biased estimate) with a sum of Gaussian kernels, as in DAN (Long et al. 2015). Bandwidths: the
-    median pairwise squared distance of the joint batch times 1/4 ... 4, recomputed each step, with no gradient."""
-    z = torch.cat([hs, ht]).float()
+    median pairwise squared distance of the joint batch times `scales`, recomputed each step, with no gradient."""
+    z, n = torch.cat([hs, ht]).float(), len(hs)
     sq = z.pow(2).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)
-    off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
-    base = d2.detach()[off].median().clamp_min(1e-6)
-    k = sum(torch.exp(-d2 / (s * base)) for s in MMD_SCALES) / len(MMD_SCALES)
-    n = len(hs)
+    base = d2.detach()[~torch.eye(len(z), dtype=torch.bool, device=z.device)].median().clamp_min(1e-6)  # off-diagonal
+    k = sum(torch.exp(-d2 / (s * base)) for s in scales) / len(scales)
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
 
-def align_objective(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., Losses]:
-    """L_y + alpha * lambda(p) * distance(source, target) on the 1,250-d extractor output, where DANN's domain head
-    reads; no domain head. (The 100-d label-head features sit behind a BatchNorm that, in separate passes, has already
-    standardised each domain on its own: there CORAL's diagonal and most of MMD's mean term vanish by construction.)"""
+def align_objective(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    layers: int) -> Callable[..., Losses]:
+    """L_y + alpha * lambda(p) * the sum of distance(source, target) over the first `layers` of DANN.features; no
+    domain head. MMD reads all three, as DAN does (on target validation that beat the extractor output alone, README).
+    CORAL reads the extractor output: behind the label head's BatchNorm, which in separate passes standardises each
+    domain on its own, its diagonal would vanish by construction."""
     def objective(model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s), (_, f_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
-        loss_y, loss_a = F.nll_loss(logp_s, b.ys), distance(f_s, f_t)
+        (logp_s, *zs), (_, *zt) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
+        loss_y = F.nll_loss(logp_s, b.ys)
+        loss_a = sum(distance(s, t) for s, t in zip(zs[:layers], zt[:layers]))
         return {"loss": loss_y + b.w * b.lam * loss_a, "cls_loss": loss_y, "align_loss": loss_a,
                 "src_acc": accuracy(logp_s, b.ys)}
     return objective
 
 
 OBJECTIVES: dict[str, Callable[..., Losses]] = {
-    **{m: Adversarial(m) for m in ("dann", "cdan", "cdan-e")}, "mmd": align_objective(mmd),
-    "coral": align_objective(coral)}
+    **{m: Adversarial(m) for m in ("dann", "cdan", "cdan-e")}, "mmd": align_objective(mmd, 3),
+    "coral": align_objective(coral, 1)}
 
 
 def strong_augment(x: torch.Tensor, shift: int = 3, hole: int = 16) -> torch.Tensor:
@@ -1060,8 +1061,7 @@ def predict(model: DANN, x: torch.Tensor, norm: tuple[float, float], ctx: Ctx, t
     for c in x.split(bs):
         with ctx.autocast():
             xb = normalize(resize32(c.to(ctx.device)), norm)
-            out = model.label.body(model.feat(xb)) if top else torch.cat(model(xb), 1)
-            outs.append(out.float())
+            outs.append((model.label.body(model.feat(xb)) if top else torch.cat(model(xb), 1)).float())
     out = torch.cat(outs)
     return out if top else (out[:, :10], out[:, 10:])
 

@@ -147,8 +147,9 @@ def test_output_shapes_and_log_probabilities() -> None:
     assert torch.allclose(y.exp().sum(1), torch.ones(6), atol=1e-5)
     assert torch.allclose(d.exp().sum(1), torch.ones(6), atol=1e-5)
     assert model.feat(x).shape == (6, 1250)
-    logp, f = model.features(x)
-    assert f.shape == (6, 1250) and torch.equal(logp, y) and model.label.body(f).shape == (6, 100)
+    logp, f, h, prob = model.features(x)
+    assert f.shape == (6, 1250) and torch.equal(logp, y) and torch.equal(h, model.label.body(f)) and h.shape == (6, 100)
+    assert torch.equal(prob, y.exp())
 
 
 def test_report_dropout_zeroes_whole_samples_and_is_identity_in_eval() -> None:
@@ -701,7 +702,7 @@ def test_concat_head_gives_the_domain_head_one_batch_of_both_domains_and_the_net
         assert sizes == {"feat": feat, "domain": domain}, bn
 
 
-def test_mmd_and_coral_align_the_1250_d_extractor_output_with_the_methods_weight() -> None:
+def test_coral_aligns_the_extractor_output_and_mmd_dans_three_layers_each_with_the_methods_weight() -> None:
     seen: list[tuple] = []
 
     def spy(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
@@ -709,9 +710,22 @@ def test_mmd_and_coral_align_the_1250_d_extractor_output_with_the_methods_weight
         return (hs.mean() - ht.mean()) ** 2
     torch.manual_seed(0)
     b = DANN.Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.randn(6, 3, 32, 32), 0.5, w=3.0)
-    out = DANN.align_objective(spy)(DANN.DANN(), b, DANN.parse_args(["--demo"]))
+    args = DANN.parse_args(["--demo"])
+    out = DANN.align_objective(spy, 1)(DANN.DANN(), b, args)
     assert seen == [((8, 1250), (6, 1250))]
     assert out["loss"].item() == pytest.approx((out["cls_loss"] + 3.0 * 0.5 * out["align_loss"]).item(), rel=1e-6)
+    assert DANN.OBJECTIVES["coral"](DANN.DANN(), b, args)["align_loss"] >= 0 and len(seen) == 1
+    # MMD sums its kernel distance over the extractor output, the label head's features and the class probabilities
+    seen.clear()
+    DANN.align_objective(spy, 3)(DANN.DANN(), b, args)
+    assert seen == [((8, 1250), (6, 1250)), ((8, 100), (6, 100)), ((8, 10), (6, 10))]
+    model = DANN.DANN().train()
+    torch.manual_seed(1)  # the same dropout masks in both passes
+    logp_s, *zs = model.features(b.xs)
+    _, *zt = model.features(b.xt)
+    torch.manual_seed(1)
+    out = DANN.OBJECTIVES["mmd"](model, b, args)
+    assert out["align_loss"].item() == pytest.approx(sum(DANN.mmd(s, t) for s, t in zip(zs, zt)).item(), rel=1e-5)
 
 
 def test_each_method_gets_its_own_weight_unless_dom_weight_is_given() -> None:
