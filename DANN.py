@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", choices=sorted(RECIPES), default="best",
                    help="'report' = the report exactly; 'best' = departures validated on target val; flags win")
     t.add_argument("--method", choices=METHODS, nargs="+", default=["dann"], help="adaptation objectives, each from "
-                   "scratch; cdan-e = CDAN with entropy weights; mmd and coral align the 1,250-d extractor output")
+                   "scratch; cdan-e = CDAN with entropy weights; coral aligns the extractor output, mmd DAN's 3 layers")
     t.add_argument("--epochs", type=int, default=50,
                    help="max epochs per phase; an epoch is one pass over the larger training domain")
     t.add_argument("--batch-size", type=int, help="images per domain per step")
