@@ -823,14 +823,13 @@ class Adversarial:
         self.kind, self.proj = kind, None
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s, *_), (logp_t, f_t, *_) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
+        (logp_s, f_s, _, p_s), (logp_t, f_t, _, p_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
         z_s, z_t = f_s, f_t
         if self.kind != "dann":
             if self.proj is None or self.proj[0].device != f_s.device:  # one fixed draw, from its own generator
                 g = torch.Generator().manual_seed(0)
                 self.proj = tuple(torch.randn(n, 1250, generator=g).to(f_s.device) for n in (1250, 10))
-            z_s, z_t = (multilinear(f, lp.detach().float().exp().to(f.dtype), *self.proj)
-                        for f, lp in ((f_s, logp_s), (f_t, logp_t)))
+            z_s, z_t = (multilinear(f, p.detach().to(f.dtype), *self.proj) for f, p in ((f_s, p_s), (f_t, p_t)))
         (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn != "separate")
         n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)
