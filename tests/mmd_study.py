@@ -3,9 +3,11 @@
 --method mmd --no-baseline --refine none, scored by the target *validation* accuracy of the epoch the run's own
 label-free rule kept (results.json: tgt_val_acc_monitoring). Test accuracies are not read.
 
-    python tests/mmd_study.py --out-root RUNS --variants median wide layers --weights 10 30 100 300 \\
-        -- --mnistm-root /tmp/data/mnist_m --data-dir /tmp/data --offline --protocol official --seed 1 --epochs 2 \\
-        --warmup-epochs 0
+    python tests/mmd_study.py --out-root RUNS -- --mnistm-root /tmp/data/mnist_m --data-dir /tmp/data --offline \\
+        --protocol official --seed 1 --epochs 2 --warmup-epochs 0
+
+then `--variants median layers --weights 10` into the same RUNS: one step down for the variants whose best alpha sat at
+the lower edge.
 
 Variants (all a biased squared MMD with a sum of Gaussian kernels, bandwidths without gradient):
   median  the 1,250-d extractor output, 5 bandwidths at 1/4 ... 4 x the batch's median squared distance (DANN.py's
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-root", type=Path, required=True, help="one run folder per variant and weight below it")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
-    p.add_argument("--weights", nargs="+", default=["100", "300", "30"], help="alpha values, the same for each")
+    p.add_argument("--weights", nargs="+", default=["100", "300", "30"], help="alpha values (default: 100 300 30)")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then DANN.py's data and schedule flags")
     a = p.parse_args(argv)
     flags = [f for f in a.flags if f != "--"]
