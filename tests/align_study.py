@@ -7,7 +7,8 @@ run's own label-free rule kept (results.json: tgt_val_acc_monitoring). Test accu
         --offline --protocol official --seed 1 --epochs 2 --warmup-epochs 0
 
 then `--variants median layers --weights 10` into the same RUNS: one step down for the variants whose best alpha sat at
-the lower edge. CORAL: `--method coral --weights 10 100 1000`, then one step beside each variant's best.
+the lower edge. CORAL: `--method coral --weights 10 100 1000`, then `--variants layers --weights 300`, between the
+best two of that variant.
 
 MMD variants (a biased squared MMD with a sum of Gaussian kernels, bandwidths without gradient):
   median  the 1,250-d extractor output, 5 bandwidths at 1/4 ... 4 x the batch's median squared distance (DANN.py's
@@ -18,7 +19,8 @@ MMD variants (a biased squared MMD with a sum of Gaussian kernels, bandwidths wi
           100-d features and on its class probabilities, summed (DANN.py's MMD since the study).
 CORAL variants (Deep CORAL's covariance distance over 4 d^2):
   extractor  the 1,250-d extractor output (DANN.py's CORAL before the CORAL study).
-  layers     the extractor output, the label head's 100-d features and the class probabilities, summed, as DAN's MMD.
+  layers     the extractor output, the label head's 100-d features and the class probabilities, summed, as DAN's MMD
+             (DANN.py's CORAL since the CORAL study).
 A run folder that already holds a results.json is read, not run again; the markdown table goes to stdout.
 """
 from __future__ import annotations
