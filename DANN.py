@@ -64,7 +64,7 @@ REPORT_NORM = {"mnist": (0.1307, 0.3081)}  # the report's transforms; every othe
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 METHODS = ("dann", "cdan", "cdan-e", "mmd", "coral")
 # Each method's alpha in --recipe best (the report's is 1): the best target-val mean of a grid over two pairs (README).
-METHOD_WEIGHTS = {"dann": 0.1, "cdan": 0.1, "cdan-e": 0.1, "mmd": 10.0, "coral": 300.0}
+METHOD_WEIGHTS = {"dann": 0.1, "cdan": 0.3, "cdan-e": 0.3, "mmd": 10.0, "coral": 300.0}
 # Unlabelled train images per domain behind each domain's BatchNorm statistics: for the final evaluation, and for the
 # per-epoch validation (one batch, so the per-epoch cost stays small next to an epoch of training).
 BN_STATS_IMAGES, BN_STATS_EPOCH = 8192, 512
@@ -705,8 +705,8 @@ class DANN(nn.Module):
         return self.label(f), self.domain(f, lambd)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Class log-probs, then the layers an alignment reads: the 1,250-d extractor output (the domain head and CDAN
-        read it), the label head's 100-d features and the class probabilities (MMD and CORAL read all three)."""
+        """Class log-probs, then the layers an alignment reads: the 1,250-d extractor output (DANN's domain head reads
+        it), the label head's 100-d features (CDAN's map) and the class probabilities (MMD and CORAL read all three)."""
         f = self.feat(x)
         h = self.label.body(f)
         logp = self.label.out(h)
@@ -813,23 +813,24 @@ def multilinear(f: torch.Tensor, p: torch.Tensor, rf: torch.Tensor, rp: torch.Te
 
 class Adversarial:
     """L_y + alpha * L_d, the domain head behind the GRL, which applies -lambda on the way back: one backward pass
-    trains the head to separate the domains and the features to confuse it. What the head reads:
-    'dann' the 1,250-d features; 'cdan' and 'cdan-e' (Long et al., NeurIPS 2018) their multilinear map with the
-    *detached* class probabilities, so the domains are told apart class by class. 1,250 x 10 exceeds the paper's 4,096
-    limit, so the map is the randomised one, 1,250 wide: the same head as DANN's. CDAN+E weights each example by
-    1 + e^-H(p) (mean 1 over the step): confident, transferable examples count more."""
+    trains the head to separate the domains and the features to confuse it. What the head reads: 'dann' the 1,250-d
+    extractor output; 'cdan' and 'cdan-e' (Long et al., NeurIPS 2018) the multilinear map of the features the classifier
+    reads (`layer` 1 of DANN.features, the label head's 100-d; the extractor output, 0, lost on target validation) and
+    the *detached* class probabilities, so the domains are told apart class by class. The map is the randomised one,
+    1,250 wide, so the head is DANN's. CDAN+E weights each example by 1 + e^-H(p) (mean 1 over the step): confident,
+    transferable examples count more."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind, self.proj = kind, None
+    def __init__(self, kind: str, layer: int = 1) -> None:
+        self.kind, self.layer, self.proj = kind, layer, None
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
-        (logp_s, f_s, _, p_s), (logp_t, f_t, _, p_t) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
-        z_s, z_t = f_s, f_t
+        (logp_s, *zs), (logp_t, *zt) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
+        z_s, z_t = zs[0], zt[0]
         if self.kind != "dann":
-            if self.proj is None or self.proj[0].device != f_s.device:  # one fixed draw, from its own generator
-                g = torch.Generator().manual_seed(0)
-                self.proj = tuple(torch.randn(n, 1250, generator=g).to(f_s.device) for n in (1250, 10))
-            z_s, z_t = (multilinear(f, p.detach().to(f.dtype), *self.proj) for f, p in ((f_s, p_s), (f_t, p_t)))
+            if self.proj is None or self.proj[0].device != z_s.device:  # one fixed draw, from its own generator
+                g, widths = torch.Generator().manual_seed(0), (zs[self.layer].shape[1], 10)
+                self.proj = tuple(torch.randn(n, 1250, generator=g).to(z_s.device) for n in widths)
+            z_s, z_t = (multilinear(z[self.layer], z[2].detach().to(z_s.dtype), *self.proj) for z in (zs, zt))
         (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn != "separate")
         n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)

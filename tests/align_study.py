@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""MMD and CORAL variants on the weight grid's terms (tests/weight_grid.py): each variant and alpha is one run from
-scratch with --method METHOD --no-baseline --refine none, scored by the target *validation* accuracy of the epoch the
-run's own label-free rule kept (results.json: tgt_val_acc_monitoring). Test accuracies are not read.
+"""MMD, CORAL, CDAN and CDAN+E variants on the weight grid's terms (tests/weight_grid.py): each variant and alpha is
+one run from scratch with --method METHOD --no-baseline --refine none, scored by the target *validation* accuracy of
+the epoch the run's own label-free rule kept (results.json: tgt_val_acc_monitoring). Test accuracies are not read.
 
     python tests/align_study.py --method mmd --out-root RUNS -- --mnistm-root /tmp/data/mnist_m --data-dir /tmp/data \\
         --offline --protocol official --seed 1 --epochs 2 --warmup-epochs 0
 
 then `--variants median layers --weights 10` into the same RUNS: one step down for the variants whose best alpha sat at
 the lower edge. CORAL: `--method coral --weights 10 100 1000`, then `--variants layers --weights 300`, between the
-best two of that variant.
+best two of that variant. CDAN and CDAN+E: `--method cdan --weights 0.1`, then `--variants head --weights 0.3` and
+`--weights 1` (the same with `--method cdan-e`).
 
 MMD variants (a biased squared MMD with a sum of Gaussian kernels, bandwidths without gradient):
   median  the 1,250-d extractor output, 5 bandwidths at 1/4 ... 4 x the batch's median squared distance (DANN.py's
@@ -21,6 +22,9 @@ CORAL variants (Deep CORAL's covariance distance over 4 d^2):
   extractor  the 1,250-d extractor output (DANN.py's CORAL before the CORAL study).
   layers     the extractor output, the label head's 100-d features and the class probabilities, summed, as DAN's MMD
              (DANN.py's CORAL since the CORAL study).
+CDAN and CDAN+E variants (the features conditioned on the detached class probabilities, randomised map, d = 1,250):
+  extractor  the 1,250-d extractor output, where DANN's domain head reads (DANN.py's CDAN before the CDAN study).
+  head       the label head's 100-d features, those the classifier reads: CDAN's f (DANN.py's since the study).
 A run folder that already holds a results.json is read, not run again; the markdown table goes to stdout.
 """
 from __future__ import annotations
@@ -41,7 +45,9 @@ VARIANTS = {
     "mmd": {"median": DANN.align_objective(DANN.mmd, 1),
             "wide": DANN.align_objective(functools.partial(DANN.mmd, scales=tuple(2.0 ** k for k in range(-8, 9))), 1),
             "layers": DANN.align_objective(DANN.mmd, 3)},
-    "coral": {"extractor": DANN.align_objective(DANN.coral, 1), "layers": DANN.align_objective(DANN.coral, 3)}}
+    "coral": {"extractor": DANN.align_objective(DANN.coral, 1), "layers": DANN.align_objective(DANN.coral, 3)},
+    "cdan": {"extractor": DANN.Adversarial("cdan", 0), "head": DANN.Adversarial("cdan", 1)},
+    "cdan-e": {"extractor": DANN.Adversarial("cdan-e", 0), "head": DANN.Adversarial("cdan-e", 1)}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -686,8 +686,23 @@ def test_adversarial_domain_loss_trains_the_features_and_never_the_class_probabi
     assert set(losses) >= {"loss", "cls_loss", "dom_loss"} and torch.isfinite(losses["dom_loss"])
     losses["dom_loss"].backward()
     assert model.feat[0].weight.grad.abs().sum() > 0 and model.domain.net[0].weight.grad.abs().sum() > 0
-    # CDAN conditions on the *detached* prediction: the domain loss never reaches the label head
-    assert all(q.grad is None for q in model.label.parameters())
+    # DANN's head reads the extractor output; CDAN's reads the label head's 100-d features, so the GRL trains them too
+    assert all((q.grad is not None) == (kind != "dann") for q in model.label.body.parameters())
+    # CDAN conditions on the *detached* prediction: the domain loss never reaches the label head's last layer
+    assert all(q.grad is None for q in model.label.out.parameters())
+
+
+def test_cdan_domain_head_reads_the_map_of_the_label_heads_features_and_the_class_probabilities() -> None:
+    torch.manual_seed(0)
+    model, seen = DANN.DANN().eval(), []
+    model.domain.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    b = DANN.Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.randn(8, 3, 32, 32), 1.0)
+    cdan = DANN.Adversarial("cdan")
+    cdan(model, b, DANN.parse_args(["--demo", "--bn", "separate"]))
+    assert [p.shape for p in cdan.proj] == [(100, 1250), (10, 1250)]
+    for x, z in zip((b.xs, b.xt), seen):
+        _, _, h, p = model.features(x)
+        assert torch.allclose(z, DANN.multilinear(h, p, *cdan.proj), rtol=1e-4, atol=1e-5)
 
 
 def test_concat_head_gives_the_domain_head_one_batch_of_both_domains_and_the_network_one_per_domain() -> None:
