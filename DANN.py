@@ -830,7 +830,7 @@ class Adversarial:
             if self.proj is None or self.proj[0].device != z_s.device:  # one fixed draw, from its own generator
                 g, widths = torch.Generator().manual_seed(0), (zs[self.layer].shape[1], 10)
                 self.proj = tuple(torch.randn(n, 1250, generator=g).to(z_s.device) for n in widths)
-            z_s, z_t = (multilinear(z[self.layer], z[2].detach().to(z_s.dtype), *self.proj) for z in (zs, zt))
+            z_s, z_t = (multilinear(z[self.layer], z[2].detach().to(z[self.layer].dtype), *self.proj) for z in (zs, zt))
         (d_s,), (d_t,) = both_domains(lambda z: (model.domain(z, b.lam),), z_s, z_t, args.bn != "separate")
         n = len(b.xs)  # domain 0 = source, 1 = target; as many of each
         dom = torch.arange(2, device=d_s.device).repeat_interleave(n)

@@ -46,8 +46,7 @@ VARIANTS = {
             "wide": DANN.align_objective(functools.partial(DANN.mmd, scales=tuple(2.0 ** k for k in range(-8, 9))), 1),
             "layers": DANN.align_objective(DANN.mmd, 3)},
     "coral": {"extractor": DANN.align_objective(DANN.coral, 1), "layers": DANN.align_objective(DANN.coral, 3)},
-    "cdan": {"extractor": DANN.Adversarial("cdan", 0), "head": DANN.Adversarial("cdan", 1)},
-    "cdan-e": {"extractor": DANN.Adversarial("cdan-e", 0), "head": DANN.Adversarial("cdan-e", 1)}}
+    **{m: {"extractor": DANN.Adversarial(m, 0), "head": DANN.Adversarial(m, 1)} for m in ("cdan", "cdan-e")}}
 
 
 def main(argv: list[str] | None = None) -> int:
