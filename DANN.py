@@ -482,8 +482,7 @@ def load_demo() -> tuple[Raw, Raw]:
 
 
 def own_norm(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of a domain's uint8 training pixels at 32x32, in [0, 1] units (a 256-bin histogram: exact, and
-    no float copy of the data set)."""
+    """Mean and std of a domain's uint8 training pixels at 32x32 in [0, 1] units, exact, from a 256-bin histogram."""
     p = torch.bincount(resize32(x).flatten(), minlength=256).double()
     v = torch.arange(256, dtype=torch.float64) / 255
     mean = (p * v).sum() / p.sum()
@@ -672,8 +671,7 @@ class FeatureExtractor(nn.Sequential):
 
 
 class LabelClassifier(nn.Sequential):
-    """The report's label head, a Sequential of `body` (1250 -> the 100-d features that t-SNE and PAD read) and `out`
-    (100 -> 10 log-probabilities)."""
+    """The report's label head: `body` (1250 -> the 100-d features t-SNE and PAD read), then `out` (100 -> 10 log-p)."""
 
     def __init__(self, dropout: str = "sample") -> None:
         super().__init__()
@@ -812,16 +810,15 @@ def multilinear(f: torch.Tensor, p: torch.Tensor, rf: torch.Tensor, rp: torch.Te
 
 
 class Adversarial:
-    """L_y + alpha * L_d, the domain head behind the GRL, which applies -lambda on the way back: one backward pass
-    trains the head to separate the domains and the features to confuse it. What the head reads: 'dann' the 1,250-d
-    extractor output; 'cdan' and 'cdan-e' (Long et al., NeurIPS 2018) the multilinear map of the features the classifier
-    reads (`layer` 1 of DANN.features, the label head's 100-d; the extractor output, 0, lost on target validation) and
-    the *detached* class probabilities, so the domains are told apart class by class. The map is the randomised one,
-    1,250 wide, so the head is DANN's. CDAN+E weights each example by 1 + e^-H(p) (mean 1 over the step): confident,
-    transferable examples count more."""
+    """L_y + alpha * L_d, the domain head behind the GRL (-lambda on the way back): one backward pass trains the head to
+    separate the domains and the features to confuse it. DANN's head reads the 1,250-d extractor output; CDAN's and
+    CDAN+E's (Long et al. 2018) the randomised multilinear map, 1,250 wide, of the features the classifier reads
+    (`layer` 1 of DANN.features; 0 lost on target validation) and the *detached* class probabilities, to tell the
+    domains apart class by class. CDAN+E weights examples by 1 + e^-H(p) (mean 1): confident ones count more."""
 
     def __init__(self, kind: str, layer: int = 1) -> None:
         self.kind, self.layer, self.proj = kind, layer, None
+        self.spec = f"{kind}: domain head on " + ("layer 0" if kind == "dann" else f"map of layer {layer} and p")
 
     def __call__(self, model: DANN, b: Batch, args: argparse.Namespace) -> Losses:
         (logp_s, *zs), (logp_t, *zt) = both_domains(model.features, b.xs, b.xt, args.bn == "concat")
@@ -879,6 +876,7 @@ def align_objective(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         loss_a = sum(distance(s, t) for s, t in zip(zs[:layers], zt[:layers]))
         return {"loss": loss_y + b.w * b.lam * loss_a, "cls_loss": loss_y, "align_loss": loss_a,
                 "src_acc": accuracy(logp_s, b.ys)}
+    objective.spec = f"{distance.__name__} on layers 0-{layers - 1}"
     return objective
 
 
@@ -1414,7 +1412,9 @@ def plot_confusion(y: torch.Tensor, pred: torch.Tensor, path: Path, title: str) 
 # ==== Runs: one seed, several seeds, evaluation only ==================================================
 
 def vars_json(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The flags, and what each method computes (what it aligns, its default alpha), so no objective resumes another."""
+    objectives = {m: f"{OBJECTIVES[m].spec}, default alpha {METHOD_WEIGHTS[m]:g}" for m in args.method}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"objectives": objectives}
 
 
 def environment(device: torch.device, amp: bool) -> dict:
@@ -1470,8 +1470,8 @@ def check_resume(args: argparse.Namespace) -> dict | None:
         if k not in saved:  # a flag added since: its default may compute what the interrupted run did not
             raise UserError(f"{args.resume} was saved by an earlier DANN.py without {k}; start the run again")
         if saved[k] != now[k]:  # what training computes must match the interrupted run
-            raise UserError(f"{args.resume} was saved with {k}={saved[k]!r}, this run has {k}={now[k]!r}; "
-                            "resume with the flags of the interrupted run")
+            raise UserError(f"{args.resume} was saved with {k}={saved[k]!r}, this run has {k}={now[k]!r}; resume with "
+                            "the flags and the DANN.py version of the interrupted run, or start it again")
     return resume
 
 
