@@ -360,6 +360,15 @@ def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, reference: dic
     same_runs(results(tmp_path)["runs"], results(reference["out"])["runs"], ("source_only", "dann", "refine"))
 
 
+def test_align_study_variants_each_record_their_own_objective() -> None:
+    """A study run's config names the variant it trained (vars_json's `objectives`), so no variant resumes another."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import align_study
+    for method, variants in align_study.VARIANTS.items():
+        specs = [v.spec for v in variants.values()]
+        assert len(set(specs)) == len(specs), (method, specs)
+
+
 def test_benchmark_times_both_data_paths(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import benchmark
