@@ -414,7 +414,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(tmp_pa
     code, _, err = run_main(tiny_flags(fake_data, tmp_path) + old, capsys)
     assert code == 1 and "was saved by an earlier DANN.py without refine_batch_size" in err
     last["config"]["refine_batch_size"] = 32  # restored; now the objective differs, as after a method's change
-    assert last["config"]["objectives"]["dann"].startswith("dann: domain head on layer 0, default alpha 0.1")
+    assert last["config"]["objectives"]["dann"] == "dann: domain head on layer 0, default alpha 0.1"
     last["config"]["objectives"]["dann"] = "dann: domain head on layer 0, default alpha 1"
     torch.save(last, tmp_path / "old.pth")
     code, _, err = run_main(tiny_flags(fake_data, tmp_path) + old, capsys)
