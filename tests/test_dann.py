@@ -362,7 +362,6 @@ def test_same_seed_gives_identical_metrics_on_cpu(tmp_path: Path, reference: dic
 
 def test_align_study_variants_each_record_their_own_objective() -> None:
     """A study run's config names the variant it trained (vars_json's `objectives`), so no variant resumes another."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import align_study
     for method, variants in align_study.VARIANTS.items():
         specs = [v.spec for v in variants.values()]
@@ -370,7 +369,6 @@ def test_align_study_variants_each_record_their_own_objective() -> None:
 
 
 def test_benchmark_times_both_data_paths(tmp_path: Path, fake_data: dict, capsys: pytest.CaptureFixture) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
     import benchmark
     assert benchmark.main(tiny_flags(fake_data, tmp_path) + ["--epochs", "2", "--num-workers", "0"]) == 0
     out = capsys.readouterr().out
