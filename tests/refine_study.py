@@ -6,8 +6,9 @@ too, to report: no choice reads it.
         -- --source mnist --target usps --data-dir data --offline --epochs 6 --warmup-epochs 2 --refine-epochs 6
 
 Everything after `--` are the DANN.py flags of the run that wrote OUT/checkpoints/<prefix>seed<N>_best_dann_final.pth
-(with --method M, best_M_final.pth: any adapted method's checkpoint). Flags that would read other data than the run
-did (another protocol, split, normalisation, BatchNorm mode or batch size) are refused: the checkpoint's config decides.
+(with --method M, best_M_final.pth: any adapted method's checkpoint). Each refinement epoch's key=value line goes to
+stderr, one JSON row per (variant, seed) to stdout. Flags that would read other data than the run did (another
+protocol, split, normalisation, BatchNorm mode or batch size) are refused: the checkpoint's config decides.
 Variants:
   default          DANN.Refiner as the flags set it: eval mode, clean target BatchNorm statistics, the EMA itself as
                    teacher (it moves after every step: Mean Teacher), and the source cross-entropy at
@@ -130,7 +131,7 @@ def main() -> None:
                  if k in run and run[k] != getattr(args, k)]
         if wrong:
             sys.exit(f"{ck} was trained with " + ", ".join(wrong) + ": repeat the run's flags after --")
-        ctx = DANN.make_ctx(args, lambda s: None)
+        ctx = DANN.make_ctx(args, functools.partial(print, file=sys.stderr, flush=True))  # epoch lines: progress
         data = DANN.load_data(args, seed, ctx.device, lambda s: None)
         for v in a.variants:
             DANN.set_seed(seed)
