@@ -131,7 +131,8 @@ def main() -> None:
                  if k in run and run[k] != getattr(args, k)]
         if wrong:
             sys.exit(f"{ck} was trained with " + ", ".join(wrong) + ": repeat the run's flags after --")
-        ctx = DANN.make_ctx(args, functools.partial(print, file=sys.stderr, flush=True))  # epoch lines: progress
+        # fit's per-epoch lines go to stderr: a long study shows its progress, and stdout keeps only the JSON rows
+        ctx = DANN.make_ctx(args, functools.partial(print, file=sys.stderr, flush=True))
         data = DANN.load_data(args, seed, ctx.device, lambda s: None)
         for v in a.variants:
             DANN.set_seed(seed)
